@@ -1,0 +1,103 @@
+"""Native backend: the op contracts of DESIGN.md in plain PyTorch.
+
+This is both the fallback that runs everywhere and the oracle every other backend is tested
+against, so it favours clarity and numerical care over speed.
+
+Rows are tokens: ``hidden`` is ``[N, D]`` (N = batch x sequence). All steering arithmetic is
+done in float32 and rounded to the model dtype once, which is why adding zero steering leaves a
+bf16/fp16 hidden state bit-identical (the add is exact, one rounding of an exact value).
+
+The ops are written functionally (they return the new hidden state) so that autograd works
+through ``hidden`` and ``delta`` for preventative steering: an in-place update of a tensor that
+an earlier op saved for backward would break training. Fused backends may update in place; the
+caller always uses the returned tensor and treats the input ``hidden`` as consumed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+NAME = "native"
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tensor:
+    """``rmsnorm(x) * w`` exactly as Hugging Face computes it for the family.
+
+    Llama-like: normalise in fp32, cast back to the input dtype, then multiply by ``w``.
+    Gemma (``gemma=True``): multiply by ``1 + w`` in fp32, then cast.
+    """
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if gemma:
+        return (x32 * (1.0 + weight.float())).to(dtype)
+    return weight * x32.to(dtype)
+
+
+def steer_project(
+    hidden: Tensor,
+    delta: Optional[Tensor] = None,
+    steer_vecs: Optional[Tensor] = None,
+    coef: Optional[Tensor] = None,
+    clamp_vecs: Optional[Tensor] = None,
+    clamp_lo: Optional[Tensor] = None,
+    clamp_hi: Optional[Tensor] = None,
+    readout: Optional[Tensor] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Residual add, steering, clamping and projection readout of ``[N, D]`` rows.
+
+    - ``h = hidden + delta`` (``delta`` is the sublayer output; optional)
+    - ``h += coef @ steer_vecs``: ``steer_vecs [S, D]``, ``coef [N, S]`` (zeros switch a vector
+      off for a row, which is how padding and prompt/response masks are expressed)
+    - clamp the projection of ``h`` on each unit vector ``c_k`` (``clamp_vecs [C, D]``) into
+      ``[clamp_lo[n, k], clamp_hi[n, k]]``: ``h -= (p - clamp(p, lo, hi)) * c_k``.
+      Capping is ``lo=-inf, hi=tau``; ablation is ``lo=hi=0``; ``(-inf, inf)`` is a no-op.
+    - ``readings[n, m] = <h, u_m>`` for unit vectors ``readout [M, D]`` (float32).
+
+    Returns ``(h, readings)``; ``readings`` is None when ``readout`` is None.
+    """
+    h = hidden if delta is None else hidden + delta
+    if steer_vecs is None and clamp_vecs is None:
+        readings = None if readout is None else h.float() @ readout.t()
+        return h, readings
+    dtype = h.dtype
+    h32 = h.float()
+    if steer_vecs is not None:
+        h32 = h32 + coef.float() @ steer_vecs.float()
+    if clamp_vecs is not None:
+        c = clamp_vecs.float()
+        p = h32 @ c.t()
+        excess = p - torch.maximum(torch.minimum(p, clamp_hi.float()), clamp_lo.float())
+        h32 = h32 - excess @ c
+    readings = None if readout is None else h32 @ readout.float().t()
+    return h32.to(dtype), readings
+
+
+def add_rms_norm(residual: Tensor, x: Tensor, weight: Tensor, eps: float,
+                 gemma: bool = False) -> tuple[Tensor, Tensor]:
+    """``r = residual + x; return rmsnorm(r) * w, r`` (vLLM's fused_add_rms_norm pattern)."""
+    r = residual + x
+    return rms_norm(r, weight, eps, gemma), r
+
+
+def add_rms_norm_steer_project(
+    residual: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    eps: float,
+    gemma: bool = False,
+    steer_vecs: Optional[Tensor] = None,
+    coef: Optional[Tensor] = None,
+    clamp_vecs: Optional[Tensor] = None,
+    clamp_lo: Optional[Tensor] = None,
+    clamp_hi: Optional[Tensor] = None,
+    readout: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``steer_project(residual, x, ...)`` followed by the RMSNorm of the result.
+
+    Returns ``(normed, residual_out, readings)``.
+    """
+    r, readings = steer_project(residual, x, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout)
+    return rms_norm(r, weight, eps, gemma), r, readings

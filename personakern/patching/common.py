@@ -1,0 +1,99 @@
+"""Pieces shared by the per-family patch modules.
+
+Patching replaces methods, not hooks: each decoder layer gets an instance-level ``forward``
+(shadowing the class method) and the decoder stack gets a thin ``forward`` that prepares the
+per-forward state once. Unpatching deletes those instance attributes, which restores the
+original bound methods exactly (the class was never touched).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from torch import nn
+
+ATTR = "_personakern_handle"
+
+# RMSNorm classes whose arithmetic the fused ops reproduce (see backends.native.rms_norm).
+# Any other norm module (a kernel-hub replacement, a user's own) is called as a module.
+LLAMA_STYLE_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
+GEMMA_STYLE_NORMS = {"Gemma2RMSNorm", "Gemma3RMSNorm"}
+
+
+def norm_eps(norm: nn.Module) -> float:
+    eps = getattr(norm, "variance_epsilon", None)
+    return float(eps if eps is not None else norm.eps)
+
+
+def make_norm(state, norm: nn.Module) -> Callable:
+    """A callable ``x -> norm(x)`` that uses the backend's fused RMSNorm when it is exact."""
+    name = type(norm).__name__
+    if name in LLAMA_STYLE_NORMS or name in GEMMA_STYLE_NORMS:
+        gemma = name in GEMMA_STYLE_NORMS
+        eps = norm_eps(norm)
+        return lambda x: state.ops.rms_norm(x, norm.weight, eps, gemma)
+    return norm
+
+
+def make_add_norm(state, norm: nn.Module) -> Callable:
+    """A callable ``(residual, x) -> (norm(residual + x), residual + x)``."""
+    name = type(norm).__name__
+    if name in LLAMA_STYLE_NORMS or name in GEMMA_STYLE_NORMS:
+        gemma = name in GEMMA_STYLE_NORMS
+        eps = norm_eps(norm)
+        return lambda residual, x: state.ops.add_rms_norm(residual, x, norm.weight, eps, gemma)
+
+    def fallback(residual, x):
+        r = residual + x
+        return norm(r), r
+    return fallback
+
+
+def positional_names(fn: Callable) -> list[str]:
+    """Parameter names of a bound method, to map stray positional arguments to keywords."""
+    params = inspect.signature(fn).parameters.values()
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def install_decoder_forward(decoder: nn.Module, state) -> None:
+    """Wrap the decoder stack's forward so the state sees each forward's shape and mask first."""
+    original = decoder.forward
+    names = positional_names(original)
+
+    def forward(*args, **kwargs):
+        if args:
+            kwargs.update(zip(names, args))
+        ref = kwargs.get("input_ids")
+        if ref is None:
+            ref = kwargs.get("inputs_embeds")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        state.begin_forward(ref.shape[0], ref.shape[1], kwargs.get("attention_mask"), cache)
+        return original(**kwargs)
+
+    decoder.forward = forward
+
+
+def install_layer_forward(layer: nn.Module, make_forward: Callable, state, index: int, returns_tuple: bool) -> None:
+    body = make_forward(layer, state, index)
+    names = positional_names(layer.forward)[1:]  # first one is hidden_states
+
+    if returns_tuple:  # transformers < 4.54 returned (hidden_states, ...) from decoder layers
+        def forward(hidden_states, *args, **kwargs):
+            if args:
+                kwargs.update(zip(names, args))
+            return (body(hidden_states, kwargs),)
+    else:
+        def forward(hidden_states, *args, **kwargs):
+            if args:
+                kwargs.update(zip(names, args))
+            return body(hidden_states, kwargs)
+
+    layer.forward = forward
+
+
+def restore_forward(module: nn.Module, previous) -> None:
+    """Put back what ``module.__dict__['forward']`` held before patching (usually nothing)."""
+    if previous is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.__dict__["forward"] = previous

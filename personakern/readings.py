@@ -1,0 +1,94 @@
+"""Per-token projections recorded while a patched model runs.
+
+``values[b, t, i, m]`` is the scalar projection ``<h, v_m>/||v_m||`` of block ``layers[i]``'s
+output (after steering) at absolute column ``t`` of batch row ``b`` for trait ``traits[m]``.
+Column ``t`` is the same column as in ``generate()``'s output, left padding included; padding
+columns hold NaN.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Readings:
+    values: Tensor          # [B, T, L, M] float32, NaN where there is no token
+    valid: Tensor           # [B, T] bool
+    layers: list[int]
+    traits: list[str]
+    prompt_lengths: Tensor  # [B] absolute column where each row's response begins
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    def _layer_index(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} was not monitored; monitored layers: {self.layers}")
+        return self.layers.index(layer)
+
+    def _trait_index(self, trait: str) -> int:
+        if trait not in self.traits:
+            raise KeyError(f"trait {trait!r} was not monitored; monitored: {self.traits}")
+        return self.traits.index(trait)
+
+    def get(self, trait: Optional[str] = None, layer: Optional[int] = None) -> Tensor:
+        """Slice by trait and/or layer: ``get(trait, layer)`` is ``[B, T]``."""
+        v = self.values
+        if layer is not None:
+            v = v[:, :, self._layer_index(layer)]
+            if trait is not None:
+                return v[..., self._trait_index(trait)]
+            return v
+        if trait is not None:
+            return v[..., self._trait_index(trait)]
+        return v
+
+    def last_prompt_token(self) -> Tensor:
+        """``[B, L, M]`` readings at each row's last prompt token (the paper's predictor)."""
+        idx = (self.prompt_lengths - 1).clamp_min(0)
+        return self.values[torch.arange(self.values.shape[0]), idx]
+
+    def response_mask(self) -> Tensor:
+        cols = torch.arange(self.values.shape[1])
+        return (cols[None, :] >= self.prompt_lengths[:, None]) & self.valid
+
+    def response_mean(self) -> Tensor:
+        """``[B, L, M]`` mean reading over each row's response tokens (NaN if none)."""
+        mask = self.response_mask()[..., None, None]
+        total = torch.where(mask, self.values, 0.0).sum(1)
+        return total / mask.sum(1)
+
+    def to_records(self) -> list[dict]:
+        """One dict per (row, column, layer, trait): ready for ``pandas.DataFrame(records)``."""
+        out = []
+        for b, t in self.valid.nonzero().tolist():
+            is_prompt = t < int(self.prompt_lengths[b])
+            for i, layer in enumerate(self.layers):
+                for m, trait in enumerate(self.traits):
+                    out.append({"row": b, "position": t, "layer": layer, "trait": trait,
+                                "projection": float(self.values[b, t, i, m]), "prompt": is_prompt})
+        return out
+
+    def save(self, path: str) -> None:
+        from safetensors.torch import save_file
+        save_file({"values": self.values.contiguous(), "valid": self.valid.to(torch.uint8).contiguous(),
+                   "prompt_lengths": self.prompt_lengths.contiguous()}, path,
+                  metadata={"format": "personakern.readings", "layers": json.dumps(self.layers),
+                            "traits": json.dumps(self.traits)})
+
+    @classmethod
+    def load(cls, path: str) -> "Readings":
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "personakern.readings":
+                raise ValueError(f"{path}: not a personakern readings file")
+            return cls(values=f.get_tensor("values"), valid=f.get_tensor("valid").bool(),
+                       layers=json.loads(meta["layers"]), traits=json.loads(meta["traits"]),
+                       prompt_lengths=f.get_tensor("prompt_lengths"))

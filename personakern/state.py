@@ -1,0 +1,166 @@
+"""Run-time steering and monitoring state shared by the patched layers of one model.
+
+Everything the forward reads lives in tensors prepared by ``steer()``/``monitor()`` (vectors,
+unit read-out vectors, per-row alphas) or once per forward by :meth:`PersonaState.begin_forward`
+(the per-token coefficient matrix, the reading buffer). The layers take no Python branch on a
+tensor's *value* and never move data to the host, so decoding stays asynchronous and the
+patched model can be traced by ``torch.compile``. Python-level structure (which layers are
+steered or monitored, how many vectors) changes only when the user calls the handle.
+
+Positions are absolute columns of the token sequence, counting left padding: column ``c`` of
+``generate()``'s output is position ``c`` of the readings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+POSITION_MODES = ("all", "prompt", "response")
+
+
+@dataclass
+class SteerSlot:
+    name: str
+    vectors: Tensor          # [L, D] float32 on the model's device
+    alpha: Tensor            # [1] or [B] float32
+    layers: tuple[int, ...]
+    positions: str
+
+
+class PersonaState:
+    def __init__(self, num_layers: int, hidden_size: int, device: torch.device, ops):
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        self.device = device
+        self.ops = ops
+        # structure, rebuilt by steer()/monitor()
+        self.slots: dict[str, SteerSlot] = {}
+        self.layer_steer: list[Optional[Tensor]] = [None] * num_layers    # [S, D] per layer
+        self.layer_readout: list[Optional[Tensor]] = [None] * num_layers  # [M, D] per layer
+        self.layer_slot: list[int] = [-1] * num_layers                    # index in the buffer
+        self.monitor_traits: list[str] = []
+        self.monitor_layers: list[int] = []
+        self.pending_prompt_lengths: Optional[Tensor] = None
+        # per sequence / per forward
+        self.batch = 0
+        self.seqlen = 0
+        self.past = 0
+        self.length = 0
+        self.coef: Optional[Tensor] = None
+        self.prompt_end: Optional[Tensor] = None
+        self.buffer: Optional[Tensor] = None   # [B, capacity, Lm, M]
+        self.valid: Optional[Tensor] = None    # [B, capacity] bool
+
+    # ------------------------------------------------------------------ structure
+    def rebuild_steering(self) -> None:
+        slots = list(self.slots.values())
+        per_layer: list[Optional[Tensor]] = [None] * self.num_layers
+        if slots:
+            for layer in sorted({l for s in slots for l in s.layers}):
+                # Vectors of slots not active at this layer are zero rows: one [N,S]x[S,D]
+                # product per layer whatever the mix, with a coefficient matrix shared by all.
+                rows = [s.vectors[layer] if layer in s.layers else torch.zeros_like(s.vectors[layer])
+                        for s in slots]
+                per_layer[layer] = torch.stack(rows).contiguous()
+        self.layer_steer = per_layer
+
+    def set_monitors(self, units: dict[str, Tensor], layers: list[int]) -> None:
+        """``units``: trait -> unit vectors ``[L, D]`` (float32, model device)."""
+        self.monitor_traits = list(units)
+        self.monitor_layers = list(layers)
+        self.layer_readout = [None] * self.num_layers
+        self.layer_slot = [-1] * self.num_layers
+        if units:
+            stacked = torch.stack(list(units.values()), dim=1)  # [L, M, D]
+            for i, layer in enumerate(self.monitor_layers):
+                self.layer_readout[layer] = stacked[layer].contiguous()
+                self.layer_slot[layer] = i
+        self.buffer = None
+        self.valid = None
+
+    # ------------------------------------------------------------------ per forward
+    def begin_forward(self, batch: int, seqlen: int, attention_mask: Optional[Tensor], cache) -> None:
+        """Called by the patched decoder once per forward, before the first layer."""
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] == batch:
+            past = attention_mask.shape[1] - seqlen
+        elif cache is not None and hasattr(cache, "get_seq_length"):
+            past = int(cache.get_seq_length())
+        else:
+            past = 0
+        fresh = past == 0 or batch != self.batch or self.prompt_end is None
+        if fresh:
+            self.batch = batch
+            if self.pending_prompt_lengths is not None:
+                ends = self.pending_prompt_lengths.to(self.device)
+                if ends.shape != (batch,):
+                    raise ValueError(f"prompt lengths given for {tuple(ends.shape)} rows, batch has {batch}")
+                self.pending_prompt_lengths = None
+            else:
+                ends = torch.full((batch,), past + seqlen, dtype=torch.long, device=self.device)
+            self.prompt_end = ends
+            self.length = 0
+        self.seqlen = seqlen
+        self.past = past
+
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] == batch:
+            real = attention_mask[:, past:past + seqlen].to(device=self.device, dtype=torch.bool)
+        else:
+            real = torch.ones(batch, seqlen, dtype=torch.bool, device=self.device)
+        columns = torch.arange(past, past + seqlen, device=self.device)
+        is_prompt = columns[None, :] < self.prompt_end[:, None]  # [B, T]
+
+        self.coef = self._coefficients(batch, seqlen, real, is_prompt) if self.slots else None
+        if self.monitor_traits:
+            self._prepare_buffer(fresh, past + seqlen, real)
+
+    def _coefficients(self, batch: int, seqlen: int, real: Tensor, is_prompt: Tensor) -> Tensor:
+        cols = []
+        for slot in self.slots.values():
+            if slot.alpha.numel() not in (1, batch):
+                raise ValueError(
+                    f"steering {slot.name!r}: alpha has {slot.alpha.numel()} rows but the batch has {batch}"
+                )
+            mask = real
+            if slot.positions == "prompt":
+                mask = real & is_prompt
+            elif slot.positions == "response":
+                mask = real & ~is_prompt
+            cols.append(slot.alpha.view(-1, 1) * mask)
+        return torch.stack(cols, dim=-1).reshape(batch * seqlen, len(cols))
+
+    def _prepare_buffer(self, fresh: bool, end: int, real: Tensor) -> None:
+        n_layers, n_traits = len(self.monitor_layers), len(self.monitor_traits)
+        if fresh or self.buffer is None:
+            cap = end + 256
+            self.buffer = torch.full((self.batch, cap, n_layers, n_traits), float("nan"), device=self.device)
+            self.valid = torch.zeros(self.batch, cap, dtype=torch.bool, device=self.device)
+        elif end > self.buffer.shape[1]:
+            grow = max(end - self.buffer.shape[1], self.buffer.shape[1])
+            self.buffer = torch.cat([self.buffer, self.buffer.new_full(
+                (self.batch, grow, n_layers, n_traits), float("nan"))], dim=1)
+            self.valid = torch.cat([self.valid, self.valid.new_zeros(self.batch, grow)], dim=1)
+        self.valid[:, self.past:end] = real
+        self.length = max(self.length, end)
+
+    # ------------------------------------------------------------------ called by layers
+    def block_output(self, layer: int, hidden: Tensor, delta: Tensor) -> Tensor:
+        """Block ``layer``'s output ``hidden + delta``, steered, with readings recorded."""
+        steer = self.layer_steer[layer]
+        readout = self.layer_readout[layer]
+        shape = hidden.shape
+        d = shape[-1]
+        out, readings = self.ops.steer_project(
+            hidden.reshape(-1, d), delta.reshape(-1, d),
+            steer, self.coef if steer is not None else None,
+            None, None, None, readout,
+        )
+        if readings is not None:
+            self.record(layer, readings)
+        return out.view(shape)
+
+    def record(self, layer: int, readings: Tensor) -> None:
+        view = readings.detach().view(self.batch, self.seqlen, -1)
+        self.buffer[:, self.past:self.past + self.seqlen, self.layer_slot[layer]] = view
