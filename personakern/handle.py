@@ -75,12 +75,13 @@ class PersonaHandle:
         ``layers``: an int, an iterable of ints, ``"all"``, or None for the vector's
         recommended layer (``meta["layer"]``). ``positions``: ``"all"``, ``"prompt"`` or
         ``"response"`` (tokens after the prompt of the current ``generate()`` call).
-        Calling again with the same name replaces that vector's settings; nothing is re-patched.
+        ``name`` defaults to the trait (or "vector" for a tensor); calling again with the same name
+        replaces that vector's settings (only the coefficient, in place, if nothing else changed).
         """
         self._check_active()
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
-        name = name or (vector.trait if isinstance(vector, PersonaVector) else f"vector{len(self._state.slots)}")
+        name = name or (vector.trait if isinstance(vector, PersonaVector) else "vector")
         vectors = self._layer_tensor(vector, name)
         layer_tuple = self._resolve_layers(layers, vector)
         alpha_t = _alpha_tensor(alpha, name).to(self.device)

@@ -3,7 +3,8 @@
 ``values[b, t, i, m]`` is the scalar projection ``<h, v_m>/||v_m||`` of block ``layers[i]``'s
 output (after steering) at absolute column ``t`` of batch row ``b`` for trait ``traits[m]``.
 Column ``t`` is the same column as in ``generate()``'s output, left padding included; padding
-columns hold NaN.
+columns hold NaN. The last token ``generate()`` returns is never fed back through the model, so
+readings stop one column short of the output.
 """
 from __future__ import annotations
 

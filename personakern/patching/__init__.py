@@ -12,8 +12,13 @@ from .common import ATTR, install_decoder_forward, install_layer_forward, restor
 FAMILIES: dict[str, ModuleType] = {t: m for m in (llama, gemma, phi3) for t in m.MODEL_TYPES}
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 
-# Decoder layers return a bare tensor from transformers 4.54 on, a tuple before.
-_TUPLE_RETURNS = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 54)
+_VERSION = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+
+
+def _returns_tuple(family: ModuleType) -> bool:
+    """Decoder layers return a bare tensor, except Gemma 2/3 layers before transformers 5
+    (and every family before 4.54), which return ``(hidden_states, ...)``."""
+    return _VERSION < (4, 54) or (_VERSION < (5, 0) and family is gemma)
 
 
 class UnsupportedModelError(ValueError):
@@ -59,7 +64,7 @@ def apply(model: nn.Module, state, handle) -> list:
     del bodies
     saved = [(m, m.__dict__.get("forward")) for m in (*layers, decoder)]
     for i, layer in enumerate(layers):
-        install_layer_forward(layer, family.make_forward, state, i, _TUPLE_RETURNS)
+        install_layer_forward(layer, family.make_forward, state, i, _returns_tuple(family))
     install_decoder_forward(decoder, state)
     setattr(decoder, ATTR, handle)
     return saved

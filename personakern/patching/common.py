@@ -7,10 +7,22 @@ original bound methods exactly (the class was never touched).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable
 
+import torch
 from torch import nn
+
+try:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # transformers < 4.52
+    GradientCheckpointingLayer = None
+
+# Up to transformers 5.2x ``GradientCheckpointingLayer.__call__`` checkpoints whatever
+# ``forward`` it finds, ours included. From 5.24 the class wraps its own ``forward`` at class
+# creation instead, which an instance-level forward bypasses, so we checkpoint ourselves.
+_CHECKPOINT_IN_CALL = GradientCheckpointingLayer is None or "__call__" in GradientCheckpointingLayer.__dict__
 
 ATTR = "_personakern_handle"
 
@@ -77,16 +89,20 @@ def install_layer_forward(layer: nn.Module, make_forward: Callable, state, index
     body = make_forward(layer, state, index)
     names = positional_names(layer.forward)[1:]  # first one is hidden_states
 
-    if returns_tuple:  # transformers < 4.54 returned (hidden_states, ...) from decoder layers
-        def forward(hidden_states, *args, **kwargs):
-            if args:
-                kwargs.update(zip(names, args))
-            return (body(hidden_states, kwargs),)
-    else:
-        def forward(hidden_states, *args, **kwargs):
-            if args:
-                kwargs.update(zip(names, args))
-            return body(hidden_states, kwargs)
+    checkpoint_here = not _CHECKPOINT_IN_CALL and hasattr(layer, "gradient_checkpointing")
+
+    def forward(hidden_states, *args, **kwargs):
+        if args:
+            kwargs.update(zip(names, args))
+        if checkpoint_here and layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+            # what transformers does for its own layers: no cache inside a checkpointed block
+            kwargs.pop("cache", None)
+            kwargs.pop("past_key_values", None)
+            kwargs["use_cache"] = False
+            out = layer._gradient_checkpointing_func(functools.partial(body, kwargs=kwargs), hidden_states)
+        else:
+            out = body(hidden_states, kwargs)
+        return (out,) if returns_tuple else out
 
     layer.forward = forward
 

@@ -1,0 +1,255 @@
+"""A first persona vector without the full pipeline.
+
+The model answers a set of questions under contrasting system prompts (trait-eliciting vs.
+trait-suppressing); the vector is the per-layer difference of the mean block outputs over the
+*response* tokens (positive minus negative). No judge filters the answers, so it is cruder than
+the paper's pipeline, but it is real and cheap: a few minutes on a CPU for SmolLM2-135M.
+
+Layer convention: row ``l`` of a vector is for the output of decoder block ``l`` (0-based).
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from ..patching import find_decoder
+from ..vectors import PersonaVector, VectorFileError, model_fingerprint
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+DEFAULT_TRAIT = "evil"
+Sample = tuple  # (system, question, answer)
+
+
+def load_trait(spec: Union[str, dict] = DEFAULT_TRAIT) -> dict:
+    """A trait definition: a built-in name (``data/traits/<name>.json``), a JSON path, or a dict
+    with ``trait``, ``positive`` and ``negative`` (system prompts) and ``questions``."""
+    if isinstance(spec, dict):
+        d = dict(spec)
+    else:
+        path = Path(spec) if str(spec).endswith(".json") else DATA / "traits" / f"{spec}.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no trait definition {spec!r} (looked for {path})")
+        d = json.loads(path.read_text())
+    for key in ("trait", "positive", "negative", "questions"):
+        if not d.get(key):
+            raise ValueError(f"trait definition needs a non-empty {key!r}")
+    return d
+
+
+def _prompt_ids(tok, system: str, question: str) -> list:
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _answer_ids(tok, answer: str) -> list:
+    return tok(answer, add_special_tokens=False)["input_ids"]
+
+
+def _left_pad(seqs: Sequence[list], pad_id: int, device) -> tuple:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _eos_ids(model, tok) -> set:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return set(eos) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
+
+
+@torch.no_grad()
+def generate_contrastive(model, tok, trait_spec: Union[str, dict] = DEFAULT_TRAIT, n_per_question: int = 1,
+                         max_new_tokens: int = 48, batch_size: int = 16, seed: int = 0, progress: bool = True,
+                         temperature: float = 1.0, top_p: float = 0.95) -> tuple:
+    """Sample the model's answers under each positive and each negative system prompt.
+
+    Question ``i``'s ``k``-th sample uses prompt ``(i + k) % len(prompts)`` (round-robin), so
+    every prompt is used about equally. Returns ``(positive, negative)``: lists of
+    ``(system, question, answer)``. Answers that come back empty are dropped.
+    """
+    spec = load_trait(trait_spec)
+    device = next(model.parameters()).device
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = _eos_ids(model, tok)
+    sides = []
+    for side in ("positive", "negative"):
+        prompts = spec[side]
+        jobs = [(prompts[(i + k) % len(prompts)], q)
+                for k in range(n_per_question) for i, q in enumerate(spec["questions"])]
+        out = []
+        for b, start in enumerate(tqdm(range(0, len(jobs), batch_size), desc=f"{spec['trait']} {side}",
+                                       disable=not progress, unit="batch")):
+            batch = jobs[start:start + batch_size]
+            ids, mask = _left_pad([_prompt_ids(tok, s, q) for s, q in batch], pad_id, device)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed * 1_000_003 + b * 2 + (side == "negative"))
+                gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
+                                     temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                     pad_token_id=pad_id)
+            for (s, q), row in zip(batch, gen[:, ids.shape[1]:].tolist()):
+                cut = next((j for j, t in enumerate(row) if t in eos), len(row))
+                answer = tok.decode(row[:cut], skip_special_tokens=True).strip()
+                if answer:
+                    out.append((s, q, answer))
+        sides.append(out)
+    return sides[0], sides[1]
+
+
+@torch.no_grad()
+def response_mean_activations(model, tok, samples: Sequence[Sample], batch_size: int = 16) -> torch.Tensor:
+    """``[num_samples, num_layers, hidden]`` float32: each decoder block's output averaged over
+    the response tokens of chat-template(system, question) + answer (teacher-forced; prompt and
+    padding excluded). Block outputs are read by forward hooks, so they are exact for every layer
+    (and include any steering a personakern handle applies)."""
+    layers = find_decoder(model).layers
+    device = next(model.parameters()).device
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows = []
+    for start in range(0, len(samples), batch_size):
+        seqs, plens = [], []
+        for s, q, a in samples[start:start + batch_size]:
+            p, r = _prompt_ids(tok, s, q), _answer_ids(tok, a)
+            if not r:
+                raise ValueError(f"empty answer for question {q!r}: no response tokens to average")
+            seqs.append(p + r)
+            plens.append(len(p))
+        ids, mask = _left_pad(seqs, pad_id, device)
+        width = ids.shape[1]
+        cols = torch.arange(width, device=device)
+        first = torch.tensor([width - len(x) + n for x, n in zip(seqs, plens)], device=device)
+        resp = (cols[None, :] >= first[:, None])[..., None]                     # [B, T, 1]
+        count = resp.sum(1).float()                                             # [B, 1]
+        means = [None] * len(layers)
+
+        def make_hook(i):
+            def hook(module, args, output):
+                h = output[0] if isinstance(output, tuple) else output
+                means[i] = torch.where(resp, h.float(), 0.0).sum(1) / count
+            return hook
+
+        handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
+        try:
+            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                  use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        rows.append(torch.stack(means, dim=1).cpu())
+    return torch.cat(rows)
+
+
+def _auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """P(score of a positive > score of a negative), ties count one half."""
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
+
+
+def choose_layer(acts_pos: torch.Tensor, acts_neg: torch.Tensor, held_pos: torch.Tensor,
+                 held_neg: torch.Tensor, lo: float = 0.25, hi: float = 0.75) -> tuple:
+    """Pick the steering layer among the middle layers ``[lo, hi)`` of depth: a vector from the
+    training split, the held-out split's response-mean projections on it, best AUROC and then
+    best separation ``(mean_pos - mean_neg) / pooled std``. Returns ``(layer, per-layer scores)``."""
+    L = acts_pos.shape[1]
+    v = acts_pos.mean(0) - acts_neg.mean(0)
+    unit = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    pp, pn = (held_pos * unit).sum(-1), (held_neg * unit).sum(-1)               # [N, L]
+    scores = []
+    for l in range(L):
+        sd = ((pp[:, l].var(unbiased=False) + pn[:, l].var(unbiased=False)) / 2).sqrt().clamp_min(1e-12)
+        scores.append((_auroc(pp[:, l], pn[:, l]), float((pp[:, l].mean() - pn[:, l].mean()) / sd)))
+    candidates = [l for l in range(L) if lo * L <= l < hi * L] or list(range(L))
+    return max(candidates, key=lambda l: scores[l]), scores
+
+
+def mean_difference_vector(model, tok, trait_spec: Union[str, dict] = DEFAULT_TRAIT, n_per_question: int = 1,
+                           max_new_tokens: int = 48, batch_size: int = 16, seed: int = 0, progress: bool = True,
+                           samples: Optional[tuple] = None, holdout_every: int = 4) -> PersonaVector:
+    """mean(positive) - mean(negative) of the response-mean block outputs, per layer.
+
+    ``samples``: ``(positive, negative)`` from :func:`generate_contrastive` to skip generation.
+    Questions ``i`` with ``i % holdout_every == holdout_every - 1`` form a held-out split used
+    only to choose ``meta["layer"]`` (see :func:`choose_layer`); the vector uses all samples.
+    """
+    spec = load_trait(trait_spec)
+    t0 = time.time()
+    if samples is None:
+        samples = generate_contrastive(model, tok, spec, n_per_question, max_new_tokens, batch_size, seed, progress)
+    pos, neg = samples
+    if not pos or not neg:
+        raise ValueError("need at least one positive and one negative sample")
+    acts = response_mean_activations(model, tok, list(pos) + list(neg), batch_size)
+    a_pos, a_neg = acts[:len(pos)], acts[len(pos):]
+    vectors = a_pos.mean(0) - a_neg.mean(0)
+
+    qidx = {q: i for i, q in enumerate(spec["questions"])}
+    held = lambda side: torch.tensor([qidx.get(q, 0) % holdout_every == holdout_every - 1 for _, q, _ in side])
+    hp, hn = held(pos), held(neg)
+    L = vectors.shape[0]
+    if holdout_every > 1 and hp.any() and hn.any() and (~hp).any() and (~hn).any():
+        layer, scores = choose_layer(a_pos[~hp], a_neg[~hn], a_pos[hp], a_neg[hn])
+        choice = ("best held-out AUROC, then separation (d'), of response-mean projections among "
+                  f"layers [{L // 4}, {3 * L // 4}); vector from the other questions; held-out = every "
+                  f"{holdout_every}th question")
+        scores = {"auroc": [round(s[0], 4) for s in scores], "separation": [round(s[1], 3) for s in scores]}
+    else:
+        layer, scores, choice = L // 2, None, "mid-depth (too few samples for a held-out split)"
+    meta = {
+        "model": model_fingerprint(model), "averaged_over": "response", "n_positive": len(pos),
+        "n_negative": len(neg), "source": "personakern.extraction.quick.mean_difference_vector",
+        "judge": "none: unfiltered mean difference", "layer": int(layer), "layer_choice": choice,
+        "trait_description": spec.get("description", ""), "n_per_question": n_per_question,
+        "max_new_tokens": max_new_tokens, "seed": seed, "seconds": round(time.time() - t0, 1),
+    }
+    if scores is not None:
+        meta["layer_scores"] = scores
+    return PersonaVector(spec["trait"], vectors, meta)
+
+
+def _same_model(fp_file: dict, model) -> bool:
+    fp = model_fingerprint(model)
+    name = lambda n: str(n or "").rstrip("/").rsplit("/", 1)[-1].lower()
+    return (all(fp_file.get(k) == v for k, v in fp.items() if k != "name_or_path")
+            and name(fp_file.get("name_or_path")) == name(fp.get("name_or_path")))
+
+
+def _try_load(path: Path, model) -> Optional[PersonaVector]:
+    if not path.exists():
+        return None
+    try:
+        pv = PersonaVector.load(path, model=model)
+    except VectorFileError as e:
+        warnings.warn(f"ignoring {path}: {e}")
+        return None
+    return pv if _same_model(pv.meta.get("model") or {}, model) else None
+
+
+def default_vector(model, tok, trait: str = DEFAULT_TRAIT, progress: bool = True, **kwargs) -> PersonaVector:
+    """The shipped vector for ``trait`` if it was made for this model, else one computed with
+    :func:`mean_difference_vector` (``kwargs`` go there) and cached under
+    ``$PERSONAKERN_CACHE/vectors/`` (default ``~/.cache/personakern``)."""
+    from ..models import cache_dir
+
+    pv = _try_load(DATA / "vectors" / f"smollm2-{trait}.safetensors", model)
+    if pv is not None:
+        return pv
+    fp = model_fingerprint(model)
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(fp.get("name_or_path") or fp["model_type"])
+                   .rstrip("/").rsplit("/", 1)[-1].lower())
+    path = cache_dir() / "vectors" / f"{slug}-{fp['num_hidden_layers']}x{fp['hidden_size']}-{trait}.safetensors"
+    pv = _try_load(path, model)
+    if pv is None:
+        pv = mean_difference_vector(model, tok, trait, progress=progress, **kwargs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pv.save(path)
+    return pv

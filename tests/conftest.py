@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random models of every supported family, and the real SmolLM2."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+import transformers
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=72, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+# (config class, model class, extra config) per model_type; hidden 40 is not a multiple of
+# any vector width, on purpose.
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 10}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 10, "sliding_window": 8,
+                                                     "query_pre_attn_scalar": 10}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 10, "sliding_window": 8,
+                                                              "query_pre_attn_scalar": 10}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+}
+
+
+def tiny_model(family: str, seed: int = 0, layers: int = 3) -> torch.nn.Module:
+    config_cls, model_cls, extra = FAMILIES[family]
+    kwargs = dict(COMMON, **extra, num_hidden_layers=layers)
+    config = getattr(transformers, config_cls)(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    # Random init leaves norm weights at exactly 1 (or 0 for Gemma): perturb them so a wrong
+    # norm formula cannot hide.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
+def padded_batch(lengths=(7, 4, 9), seed=1):
+    """Left-padded ``input_ids``/``attention_mask`` with the given real lengths."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n:] = torch.randint(3, VOCAB, (n,), generator=g)
+        mask[i, width - n:] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import personakern
+    return personakern.load_model()
