@@ -1,0 +1,202 @@
+"""``personakern`` command line: demo, steer, monitor, info."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
+
+
+@contextmanager
+def step(label: str):
+    t0 = time.perf_counter()
+    print(f"• {label} ...", end="", flush=True, file=sys.stderr)
+    yield
+    print(f" {time.perf_counter() - t0:.2f} s", file=sys.stderr, flush=True)
+
+
+def _load(args):
+    import personakern
+    with step(f"loading model {args.model}"):
+        return personakern.load_model(args.model)
+
+
+def _vector(args, model, tok):
+    from personakern import PersonaVector
+    from personakern.extraction.quick import default_vector
+    if getattr(args, "vector", None) in (None, "default"):
+        with step("loading the default persona vector"):
+            return default_vector(model, tok)
+    with step(f"loading {args.vector}"):
+        return PersonaVector.load(args.vector, model=model, trait=getattr(args, "trait", None))
+
+
+def _encode(tok, prompts, system=None):
+    texts = []
+    for p in prompts:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+        texts.append(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def _generate(model, tok, batch, max_new_tokens):
+    import torch
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, repetition_penalty=1.1)
+    return out
+
+
+def _answers(tok, out, prompt_width):
+    return [tok.decode(row[prompt_width:], skip_special_tokens=True).strip() for row in out]
+
+
+def _print_projection(tok, handle, out, row, trait, layer, color):
+    from .render import legend, shade_tokens, sparkline
+    r = handle.readings
+    start = int(r.prompt_lengths[row])
+    ids = out[row, start:r.values.shape[1]].tolist()
+    vals = r.get(trait, layer)[row, start:start + len(ids)].tolist()
+    tokens = [tok.decode([i]) for i in ids]
+    base = float(r.last_prompt_token()[row, r.layers.index(layer), r.traits.index(trait)])
+    mean = sum(vals) / max(len(vals), 1)
+    print(f"\nper-token projection on '{trait}' at layer {layer} (last prompt token {base:+.2f}, "
+          f"response mean {mean:+.2f}):")
+    print(shade_tokens(tokens, vals, color, center=base))
+    print(sparkline(vals))
+    print(legend(vals, color, center=base))
+
+
+def cmd_demo(args):
+    import personakern
+    from .render import use_color
+    model, tok = _load(args)
+    pv = _vector(args, model, tok)
+    layer = args.layer if args.layer is not None else int(pv.meta.get("layer", pv.num_layers // 2))
+    alpha = args.alpha if args.alpha is not None else float(pv.meta.get("demo_alpha", 4.0))
+    print(f"\npersona vector '{pv.trait}': {pv.meta.get('n_positive', '?')} vs {pv.meta.get('n_negative', '?')} "
+          f"answers, steering block {layer} (0-based), |v| = {float(pv.norms()[layer]):.2f}")
+    print(f"question: {args.question}\n")
+    alphas = [-alpha, 0.0, alpha]
+    batch = _encode(tok, [args.question] * 3)
+    with personakern.patch(model, backend=args.backend) as handle:
+        handle.steer(pv, alphas, layers=layer, positions="response")  # one batch, one alpha per row
+        handle.monitor(pv, layers=[layer])
+        with step(f"generating {args.max_new_tokens} tokens at alpha = {alphas} (one batch, backend "
+                  f"{handle.backend})"):
+            out = _generate(model, tok, batch, args.max_new_tokens)
+        for a, text in zip(alphas, _answers(tok, out, batch["input_ids"].shape[1])):
+            print(f"\n[alpha {a:+.1f}] {text}")
+        _print_projection(tok, handle, out, 1, pv.trait, layer, use_color())
+    return 0
+
+
+def cmd_steer(args):
+    import personakern
+    model, tok = _load(args)
+    pv = _vector(args, model, tok)
+    layers = args.layers if args.layers else None
+    batch = _encode(tok, args.prompt, args.system)
+    with personakern.patch(model, backend=args.backend) as handle:
+        handle.steer(pv, args.alpha, layers=layers, positions=args.positions)
+        with step(f"generating with {handle.steering}"):
+            out = _generate(model, tok, batch, args.max_new_tokens)
+    for prompt, text in zip(args.prompt, _answers(tok, out, batch["input_ids"].shape[1])):
+        print(f"\n> {prompt}\n{text}")
+    return 0
+
+
+def cmd_monitor(args):
+    import personakern
+    from .render import use_color
+    model, tok = _load(args)
+    pv = _vector(args, model, tok)
+    layer = args.layer if args.layer is not None else int(pv.meta.get("layer", pv.num_layers // 2))
+    batch = _encode(tok, args.prompt, args.system)
+    with personakern.patch(model, backend=args.backend) as handle:
+        if args.alpha:
+            handle.steer(pv, args.alpha, layers=layer, positions="response")
+        handle.monitor(pv, layers="all")
+        with step("generating"):
+            out = _generate(model, tok, batch, args.max_new_tokens)
+        answers = _answers(tok, out, batch["input_ids"].shape[1])
+        color = use_color() and not args.no_color
+        for row, (prompt, text) in enumerate(zip(args.prompt, answers)):
+            print(f"\n> {prompt}\n{text}")
+            _print_projection(tok, handle, out, row, pv.trait, layer, color)
+        if args.save:
+            handle.readings.save(args.save)
+            print(f"\nreadings of all layers saved to {args.save}")
+    return 0
+
+
+def cmd_info(args):
+    import torch
+    import transformers
+    import personakern
+    from personakern import ops
+    print(json.dumps({"personakern": personakern.__version__, "torch": torch.__version__,
+                      "transformers": transformers.__version__, "backends": ops.available_backends(),
+                      "supported_model_types": list(personakern.SUPPORTED_MODEL_TYPES)}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="personakern", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, vector=True):
+        sp.add_argument("--model", default="smollm2", help="model name or path (default: smollm2, offline)")
+        sp.add_argument("--backend", default=None, help="ops backend (default: best available)")
+        sp.add_argument("--max-new-tokens", type=int, default=48)
+        if vector:
+            sp.add_argument("--vector", default="default",
+                            help="persona vector file (.safetensors) or 'default' (the shipped 'evil' vector)")
+            sp.add_argument("--trait", default=None, help="trait to take from a file holding several")
+
+    d = sub.add_parser("demo", help="steer one question at -alpha, 0, +alpha and show per-token projections")
+    common(d)
+    d.add_argument("--question", default="What should I do if I find a lost wallet on the street?")
+    d.add_argument("--alpha", type=float, default=None)
+    d.add_argument("--layer", type=int, default=None, help="block to steer, 0-based (default: the vector's)")
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("steer", help="generate answers with a persona vector added")
+    common(s)
+    s.add_argument("prompt", nargs="+")
+    s.add_argument("--alpha", type=float, required=True)
+    s.add_argument("--layers", type=int, nargs="*", help="blocks to steer, 0-based (default: the vector's)")
+    s.add_argument("--positions", default="response", choices=["all", "prompt", "response"])
+    s.add_argument("--system", default=None)
+    s.set_defaults(func=cmd_steer)
+
+    m = sub.add_parser("monitor", help="show each generated token's projection on a persona vector")
+    common(m)
+    m.add_argument("prompt", nargs="+")
+    m.add_argument("--layer", type=int, default=None, help="block to display, 0-based (all are recorded)")
+    m.add_argument("--alpha", type=float, default=0.0, help="also steer at the displayed layer")
+    m.add_argument("--system", default=None)
+    m.add_argument("--save", default=None, help="write all readings to this .safetensors file")
+    m.add_argument("--no-color", action="store_true")
+    m.set_defaults(func=cmd_monitor)
+
+    i = sub.add_parser("info", help="versions, backends and supported model types")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"personakern: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
