@@ -22,6 +22,12 @@ from torch import Tensor
 NAME = "native"
 
 
+def _acc(t: Tensor) -> Tensor:
+    """Accumulation precision: float32 for half types and float32, float64 stays float64
+    (gradcheck runs in float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tensor:
     """``rmsnorm(x) * w`` exactly as Hugging Face computes it for the family.
 
@@ -29,10 +35,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tens
     Gemma (``gemma=True``): multiply by ``1 + w`` in fp32, then cast.
     """
     dtype = x.dtype
-    x32 = x.float()
+    x32 = _acc(x)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     if gemma:
-        return (x32 * (1.0 + weight.float())).to(dtype)
+        return (x32 * (1.0 + _acc(weight))).to(dtype)
     return weight * x32.to(dtype)
 
 
@@ -58,20 +64,20 @@ def steer_project(
 
     Returns ``(h, readings)``; ``readings`` is None when ``readout`` is None.
     """
-    h = hidden if delta is None else hidden + delta
+    h = hidden.clone() if delta is None else hidden + delta  # never alias an input (custom-op rule)
     if steer_vecs is None and clamp_vecs is None:
-        readings = None if readout is None else h.float() @ readout.t()
+        readings = None if readout is None else (_acc(h) @ _acc(readout).t()).float()
         return h, readings
     dtype = h.dtype
-    h32 = h.float()
+    h32 = _acc(h)
     if steer_vecs is not None:
-        h32 = h32 + coef.float() @ steer_vecs.float()
+        h32 = h32 + _acc(coef) @ _acc(steer_vecs)
     if clamp_vecs is not None:
-        c = clamp_vecs.float()
+        c = _acc(clamp_vecs)
         p = h32 @ c.t()
-        excess = p - torch.maximum(torch.minimum(p, clamp_hi.float()), clamp_lo.float())
+        excess = p - torch.maximum(torch.minimum(p, _acc(clamp_hi)), _acc(clamp_lo))
         h32 = h32 - excess @ c
-    readings = None if readout is None else h32 @ readout.float().t()
+    readings = None if readout is None else (h32 @ _acc(readout).t()).float()
     return h32.to(dtype), readings
 
 

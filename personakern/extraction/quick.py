@@ -23,6 +23,7 @@ from ..vectors import PersonaVector, VectorFileError, model_fingerprint
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_TRAIT = "evil"
+LAYER_START, LAYER_FRAC = 0.25, 0.45  # see choose_layer
 Sample = tuple  # (system, question, answer)
 
 
@@ -156,10 +157,19 @@ def _auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
 
 
 def choose_layer(acts_pos: torch.Tensor, acts_neg: torch.Tensor, held_pos: torch.Tensor,
-                 held_neg: torch.Tensor, lo: float = 0.25, hi: float = 0.75) -> tuple:
-    """Pick the steering layer among the middle layers ``[lo, hi)`` of depth: a vector from the
-    training split, the held-out split's response-mean projections on it, best AUROC and then
-    best separation ``(mean_pos - mean_neg) / pooled std``. Returns ``(layer, per-layer scores)``."""
+                 held_neg: torch.Tensor, start: float = LAYER_START, frac: float = LAYER_FRAC) -> tuple:
+    """Steering layer from a held-out split: the vector comes from the training split, the
+    held-out response means are projected on it, and each layer gets a held-out AUROC and a
+    separation ``d' = (mean_pos - mean_neg) / pooled std``. The choice is the *earliest* layer at
+    or after ``start`` of depth whose d' reaches ``frac`` of the best d' of any layer (0.45: on
+    SmolLM2 d' plateaus over layers 10-14 at about half its maximum, and the plateau's start is
+    the layer that steers best).
+
+    Why the earliest and not the best: separation keeps growing with depth, but steering a late
+    layer mostly makes the model repeat itself, while steering the first layer where the trait
+    is clearly readable leaves the later blocks room to turn it into fluent text (measured on
+    SmolLM2-135M: layers 8-10 give coherent in-character answers, layers >= 14 loop).
+    Returns ``(layer, [(auroc, d') per layer])``."""
     L = acts_pos.shape[1]
     v = acts_pos.mean(0) - acts_neg.mean(0)
     unit = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -168,8 +178,10 @@ def choose_layer(acts_pos: torch.Tensor, acts_neg: torch.Tensor, held_pos: torch
     for l in range(L):
         sd = ((pp[:, l].var(unbiased=False) + pn[:, l].var(unbiased=False)) / 2).sqrt().clamp_min(1e-12)
         scores.append((_auroc(pp[:, l], pn[:, l]), float((pp[:, l].mean() - pn[:, l].mean()) / sd)))
-    candidates = [l for l in range(L) if lo * L <= l < hi * L] or list(range(L))
-    return max(candidates, key=lambda l: scores[l]), scores
+    first = min(int(start * L), L - 1)
+    best = max(d for _, d in scores)
+    layer = next((l for l in range(first, L) if scores[l][1] >= frac * best), first)
+    return layer, scores
 
 
 def mean_difference_vector(model, tok, trait_spec: Union[str, dict] = DEFAULT_TRAIT, n_per_question: int = 1,
@@ -198,9 +210,9 @@ def mean_difference_vector(model, tok, trait_spec: Union[str, dict] = DEFAULT_TR
     L = vectors.shape[0]
     if holdout_every > 1 and hp.any() and hn.any() and (~hp).any() and (~hn).any():
         layer, scores = choose_layer(a_pos[~hp], a_neg[~hn], a_pos[hp], a_neg[hn])
-        choice = ("best held-out AUROC, then separation (d'), of response-mean projections among "
-                  f"layers [{L // 4}, {3 * L // 4}); vector from the other questions; held-out = every "
-                  f"{holdout_every}th question")
+        choice = (f"earliest layer >= {int(LAYER_START * L)} whose held-out separation d' of response-mean "
+                  f"projections reaches {LAYER_FRAC} of the best layer's (choose_layer); held-out = every "
+                  f"{holdout_every}th question, vector for scoring from the others")
         scores = {"auroc": [round(s[0], 4) for s in scores], "separation": [round(s[1], 3) for s in scores]}
     else:
         layer, scores, choice = L // 2, None, "mid-depth (too few samples for a held-out split)"
@@ -224,14 +236,16 @@ def _same_model(fp_file: dict, model) -> bool:
 
 
 def _try_load(path: Path, model) -> Optional[PersonaVector]:
+    """The vector in ``path`` if it exists and was made for exactly this model, else None."""
     if not path.exists():
         return None
     try:
-        pv = PersonaVector.load(path, model=model)
+        if not _same_model(PersonaVector.load(path).meta.get("model") or {}, model):
+            return None  # another model's vectors: not an error, just not ours
+        return PersonaVector.load(path, model=model)
     except VectorFileError as e:
         warnings.warn(f"ignoring {path}: {e}")
         return None
-    return pv if _same_model(pv.meta.get("model") or {}, model) else None
 
 
 def default_vector(model, tok, trait: str = DEFAULT_TRAIT, progress: bool = True, **kwargs) -> PersonaVector:
@@ -249,6 +263,7 @@ def default_vector(model, tok, trait: str = DEFAULT_TRAIT, progress: bool = True
     path = cache_dir() / "vectors" / f"{slug}-{fp['num_hidden_layers']}x{fp['hidden_size']}-{trait}.safetensors"
     pv = _try_load(path, model)
     if pv is None:
+        kwargs.setdefault("n_per_question", 4)  # as the shipped vector: 80 answers per side
         pv = mean_difference_vector(model, tok, trait, progress=progress, **kwargs)
         path.parent.mkdir(parents=True, exist_ok=True)
         pv.save(path)
