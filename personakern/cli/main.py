@@ -85,12 +85,15 @@ def cmd_demo(args):
     batch = _encode(tok, [args.question] * 3)
     with personakern.patch(model, backend=args.backend) as handle:
         handle.steer(pv, alphas, layers=layer, positions="response")  # one batch, one alpha per row
-        handle.monitor(pv, layers=[layer])
+        # a later block too: the steered block's own reading includes alpha*|v| by construction
+        later = min(pv.num_layers - 1, layer + (pv.num_layers - layer) // 2)
+        handle.monitor(pv, layers=sorted({layer, later}))
         with step(f"generating {args.max_new_tokens} tokens at alpha = {alphas} (one batch, backend "
                   f"{handle.backend})"):
             out = _generate(model, tok, batch, args.max_new_tokens)
-        for a, text in zip(alphas, _answers(tok, out, batch["input_ids"].shape[1])):
-            print(f"\n[alpha {a:+.1f}] {text}")
+        means = handle.readings.response_mean()[:, handle.readings.layers.index(later), 0].tolist()
+        for a, text, mean in zip(alphas, _answers(tok, out, batch["input_ids"].shape[1]), means):
+            print(f"\n[alpha {a:+.1f} | mean projection at block {later}: {mean:+.2f}] {text}")
         _print_projection(tok, handle, out, 1, pv.trait, layer, use_color())
     return 0
 

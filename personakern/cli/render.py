@@ -10,7 +10,8 @@ _RAMP = [17, 18, 19, 20, 26, 32, 67, 102, 138, 174, 167, 160, 124, 88, 52]
 _BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
-def use_color(stream=sys.stdout) -> bool:
+def use_color(stream=None) -> bool:
+    stream = stream or sys.stdout
     return stream.isatty() and os.environ.get("NO_COLOR") is None and os.environ.get("TERM") != "dumb"
 
 

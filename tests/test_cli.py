@@ -1,0 +1,47 @@
+"""The personakern command on the real SmolLM2 model (short generations)."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from personakern import Readings
+from personakern.cli.main import main
+
+
+def test_demo_shows_three_alphas_and_projections(capsys, smollm2):
+    assert main(["demo", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    for a in ("-6.0", "+0.0", "+6.0"):
+        assert f"[alpha {a} | mean projection at block" in out
+    assert "per-token projection on 'evil' at layer 10" in out
+
+
+def test_steer_and_monitor_with_a_vector_file(capsys, tmp_path, smollm2):
+    from personakern.extraction.quick import default_vector
+    model, tok = smollm2
+    path = tmp_path / "evil.safetensors"
+    default_vector(model, tok).save(path)
+    assert main(["steer", "Say hi.", "--vector", str(path), "--alpha", "4", "--max-new-tokens", "4"]) == 0
+    assert "> Say hi." in capsys.readouterr().out
+    saved = tmp_path / "r.safetensors"
+    assert main(["monitor", "Say hi.", "Say bye.", "--vector", str(path), "--max-new-tokens", "4",
+                 "--save", str(saved), "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert "per-token projection on 'evil'" in out and "[" in out
+    r = Readings.load(saved)
+    assert r.traits == ["evil"] and r.layers == list(range(30)) and r.values.shape[0] == 2
+    assert torch.isfinite(r.values[r.valid]).all()
+
+
+def test_errors_are_reported_not_raised(capsys, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("not a tensor file")
+    assert main(["steer", "hi", "--vector", str(bad), "--alpha", "1"]) == 2
+    assert "not a valid safetensors file" in capsys.readouterr().err
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "native" in info["backends"] and "llama" in info["supported_model_types"]
