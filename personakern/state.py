@@ -53,6 +53,9 @@ class PersonaState:
         self.prompt_end: Optional[Tensor] = None
         self.buffer: Optional[Tensor] = None   # [B, capacity, Lm, M]
         self.valid: Optional[Tensor] = None    # [B, capacity] bool
+        # cross-layer fusion: block l's output op also computes block l+1's input RMSNorm
+        self.next_norms: list = [None] * num_layers   # (norm module, eps, gemma) or None
+        self.stash: Optional[tuple[Tensor, Tensor]] = None  # (block output, its normed copy)
 
     # ------------------------------------------------------------------ structure
     def rebuild_steering(self) -> None:
@@ -104,6 +107,7 @@ class PersonaState:
             self.length = 0
         self.seqlen = seqlen
         self.past = past
+        self.stash = None
 
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] == batch:
             real = attention_mask[:, past:past + seqlen].to(device=self.device, dtype=torch.bool)
@@ -146,20 +150,39 @@ class PersonaState:
         self.length = max(self.length, end)
 
     # ------------------------------------------------------------------ called by layers
-    def block_output(self, layer: int, hidden: Tensor, delta: Tensor) -> Tensor:
-        """Block ``layer``'s output ``hidden + delta``, steered, with readings recorded."""
+    def input_norm(self, hidden: Tensor, norm) -> Tensor:
+        """Block input RMSNorm, taken from the previous block's fused output op when it is the
+        normalisation of this very tensor (identity check: a user hook that replaced the
+        output gets a fresh norm)."""
+        stash, self.stash = self.stash, None
+        if stash is not None and stash[0] is hidden:
+            return stash[1]
+        return norm(hidden)
+
+    def block_output(self, layer: int, hidden: Tensor, delta: Tensor, fuse_next: bool = True) -> Tensor:
+        """Block ``layer``'s output ``hidden + delta``, steered, with readings recorded; fused
+        with the next block's input RMSNorm where there is one (``fuse_next`` is off under
+        gradient checkpointing, whose recomputation must not see a stashed tensor)."""
         steer = self.layer_steer[layer]
         readout = self.layer_readout[layer]
+        coef = self.coef if steer is not None else None
         shape = hidden.shape
         d = shape[-1]
-        out, readings = self.ops.steer_project(
-            hidden.reshape(-1, d), delta.reshape(-1, d),
-            steer, self.coef if steer is not None else None,
-            None, None, None, readout,
-        )
+        nxt = self.next_norms[layer] if fuse_next else None
+        if nxt is None:
+            out, readings = self.ops.steer_project(
+                hidden.reshape(-1, d), delta.reshape(-1, d), steer, coef, None, None, None, readout)
+        else:
+            norm, eps, gemma = nxt
+            normed, out, readings = self.ops.add_rms_norm_steer_project(
+                hidden.reshape(-1, d), delta.reshape(-1, d), norm.weight, eps, gemma,
+                steer, coef, None, None, None, readout)
         if readings is not None:
             self.record(layer, readings)
-        return out.view(shape)
+        out = out.view(shape)
+        if nxt is not None:
+            self.stash = (out, normed.view(shape))
+        return out
 
     def record(self, layer: int, readings: Tensor) -> None:
         view = readings.detach().view(self.batch, self.seqlen, -1)

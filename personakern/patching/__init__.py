@@ -7,7 +7,7 @@ import transformers
 from torch import nn
 
 from . import gemma, llama, phi3
-from .common import ATTR, install_decoder_forward, install_layer_forward, restore_forward
+from .common import ATTR, install_decoder_forward, install_layer_forward, norm_spec, restore_forward
 
 FAMILIES: dict[str, ModuleType] = {t: m for m in (llama, gemma, phi3) for t in m.MODEL_TYPES}
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
@@ -63,6 +63,8 @@ def apply(model: nn.Module, state, handle) -> list:
     bodies = [family.make_forward(layer, state, i) for i, layer in enumerate(layers)]  # validates
     del bodies
     saved = [(m, m.__dict__.get("forward")) for m in (*layers, decoder)]
+    state.next_norms = [norm_spec(layers[i + 1].input_layernorm) if i + 1 < len(layers) else None
+                        for i in range(len(layers))]
     for i, layer in enumerate(layers):
         install_layer_forward(layer, family.make_forward, state, i, _returns_tuple(family))
     install_decoder_forward(decoder, state)

@@ -37,6 +37,18 @@ def norm_eps(norm: nn.Module) -> float:
     return float(eps if eps is not None else norm.eps)
 
 
+def norm_spec(norm: nn.Module):
+    """``(module, eps, gemma)`` for an RMSNorm the fused ops reproduce exactly, else None."""
+    name = type(norm).__name__
+    if name in LLAMA_STYLE_NORMS or name in GEMMA_STYLE_NORMS:
+        return norm, norm_eps(norm), name in GEMMA_STYLE_NORMS
+    return None
+
+
+def fuse_allowed(layer: nn.Module) -> bool:
+    return not (layer.training and getattr(layer, "gradient_checkpointing", False))
+
+
 def make_norm(state, norm: nn.Module) -> Callable:
     """A callable ``x -> norm(x)`` that uses the backend's fused RMSNorm when it is exact."""
     name = type(norm).__name__

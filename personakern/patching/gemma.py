@@ -8,7 +8,7 @@ preceding norm; the block output is still one ``steer_project``.
 """
 from __future__ import annotations
 
-from .common import make_add_norm, make_norm
+from .common import fuse_allowed, make_add_norm, make_norm
 
 MODEL_TYPES = ("gemma2", "gemma3_text")
 
@@ -23,9 +23,9 @@ def make_forward(layer, state, index: int):
 
     def body(hidden_states, kwargs):
         select_rope(kwargs)
-        attn_out = attn(hidden_states=input_norm(hidden_states), **kwargs)[0]
+        attn_out = attn(hidden_states=state.input_norm(hidden_states, input_norm), **kwargs)[0]
         normed, residual = pre_ff(hidden_states, post_attn_norm(attn_out))
-        return state.block_output(index, residual, post_ff_norm(mlp(normed)))
+        return state.block_output(index, residual, post_ff_norm(mlp(normed)), fuse_allowed(layer))
 
     return body
 

@@ -2,7 +2,7 @@
 (identity in eval; kept so preventative steering trains the same graph as the original)."""
 from __future__ import annotations
 
-from .common import make_add_norm, make_norm
+from .common import fuse_allowed, make_add_norm, make_norm
 
 MODEL_TYPES = ("phi3",)
 
@@ -14,8 +14,8 @@ def make_forward(layer, state, index: int):
     drop_attn, drop_mlp = layer.resid_attn_dropout, layer.resid_mlp_dropout
 
     def body(hidden_states, kwargs):
-        attn_out = attn(hidden_states=input_norm(hidden_states), **kwargs)[0]
+        attn_out = attn(hidden_states=state.input_norm(hidden_states, input_norm), **kwargs)[0]
         normed, residual = add_norm(hidden_states, drop_attn(attn_out))
-        return state.block_output(index, residual, drop_mlp(mlp(normed)))
+        return state.block_output(index, residual, drop_mlp(mlp(normed)), fuse_allowed(layer))
 
     return body
