@@ -137,6 +137,29 @@ def cmd_monitor(args):
     return 0
 
 
+def cmd_bench(args):
+    from pathlib import Path
+    from personakern import ops
+    from personakern.benchmark import report
+    backends = args.backends or [b for b in ops.available_backends() if ops.backend_usable(b, "cpu")]
+    results = {"machine": report.machine(), "backends": backends}
+    if not args.skip_ops:
+        from personakern.benchmark.ops import run_ops
+        with step("op microbenchmarks"):
+            results["ops"] = run_ops(backends, log=lambda m: print(m, file=sys.stderr))
+        print(report.ops_table(results["ops"]))
+    if not args.skip_e2e:
+        from personakern.benchmark.e2e import run_e2e
+        model, tok = _load(args)
+        with step("end-to-end rounds"):
+            results["e2e"] = run_e2e(model, tok, backends=backends, peers=args.peers, rounds=args.rounds,
+                                     new_tokens=args.max_new_tokens, log=lambda m: print(m, file=sys.stderr))
+        print(report.e2e_table(results["e2e"]))
+    for path in report.write(results, Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_info(args):
     import torch
     import transformers
@@ -186,6 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--save", default=None, help="write all readings to this .safetensors file")
     m.add_argument("--no-color", action="store_true")
     m.set_defaults(func=cmd_monitor)
+
+    b = sub.add_parser("bench", help="op and end-to-end benchmarks; prints a table, writes JSON and PNG")
+    b.add_argument("--model", default="smollm2")
+    b.add_argument("--backends", nargs="*", default=None, help="default: every backend usable here")
+    b.add_argument("--rounds", type=int, default=5)
+    b.add_argument("--max-new-tokens", type=int, default=64)
+    b.add_argument("--peers", action="store_true", help="also time repeng, steering-vectors and nnsight")
+    b.add_argument("--skip-ops", action="store_true")
+    b.add_argument("--skip-e2e", action="store_true")
+    b.add_argument("--out", default="bench-results")
+    b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="versions, backends and supported model types")
     i.set_defaults(func=cmd_info)
