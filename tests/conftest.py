@@ -4,6 +4,13 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels run on the CPU under its interpreter; it must be set before triton is imported.
+try:
+    import torch as _torch
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 
 import pytest
 import torch
@@ -48,6 +55,30 @@ def tiny_model(family: str, seed: int = 0, layers: int = 3) -> torch.nn.Module:
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
     return request.param
+
+
+def usable_backends(device="cpu"):
+    from personakern import ops
+    return ops.available_backends(device)
+
+
+# The Triton interpreter runs kernels in Python: one family per patch module keeps CI short.
+INTERPRETED_FAMILIES = ("llama", "gemma2", "phi3")
+
+
+@pytest.fixture(params=usable_backends())
+def backend(request):
+    """Every backend usable on this machine (native always; cpu once built; triton under the
+    interpreter): the end-to-end equivalence tests run on each."""
+    if request.param == "triton" and "family" in request.fixturenames:
+        if request.getfixturevalue("family") not in INTERPRETED_FAMILIES and not _cuda():
+            pytest.skip("interpreted Triton: covered by one family per patch module")
+    return request.param
+
+
+def _cuda():
+    import torch
+    return torch.cuda.is_available()
 
 
 def padded_batch(lengths=(7, 4, 9), seed=1):

@@ -26,13 +26,14 @@ def test_every_family_is_supported():
     assert set(FAMILIES) <= set(personakern.SUPPORTED_MODEL_TYPES)
 
 
-def test_idle_patch_equals_unpatched_and_unpatch_is_exact(family):
+def test_idle_patch_equals_unpatched_and_unpatch_is_exact(family, backend):
     model = tiny_model(family)
     batch = padded_batch()
     ref = logits(model, batch)
     ref_gen = greedy(model, batch)
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
-    with personakern.patch(model) as handle:
+    with personakern.patch(model, backend=backend) as handle:
+        assert handle.backend == backend
         assert handle.family in ("llama", "gemma", "phi3")
         assert all("forward" in layer.__dict__ for layer in model.model.layers)
         assert (logits(model, batch) - ref).abs().max() <= ATOL
@@ -56,7 +57,7 @@ def test_double_patch_is_an_error_and_changes_nothing():
 
 
 @pytest.mark.parametrize("positions", ["all", "prompt", "response"])
-def test_steering_equals_hook_reference(family, positions):
+def test_steering_equals_hook_reference(family, positions, backend):
     model = tiny_model(family)
     batch = padded_batch()
     layer = 1
@@ -64,7 +65,7 @@ def test_steering_equals_hook_reference(family, positions):
     alpha = torch.tensor([1.5, -2.0, 0.7])
     with hook_steering(model, vector, layer, alpha, batch["attention_mask"], positions):
         ref = greedy(model, batch)
-    with personakern.patch(model) as handle:
+    with personakern.patch(model, backend=backend) as handle:
         handle.steer(vector, alpha, layers=layer, positions=positions)
         got = greedy(model, batch)
     assert torch.equal(got.sequences, ref.sequences)
@@ -118,12 +119,12 @@ def logits_unpatched(family, batch):
     return logits(tiny_model(family), batch)
 
 
-def test_readings_equal_projections_of_hidden_states(family):
+def test_readings_equal_projections_of_hidden_states(family, backend):
     model = tiny_model(family)
     batch = padded_batch()
     g = torch.Generator().manual_seed(5)
     traits = {"a": torch.randn(3, 40, generator=g), "b": torch.randn(3, 40, generator=g)}
-    with personakern.patch(model) as handle:
+    with personakern.patch(model, backend=backend) as handle:
         handle.steer(traits["a"], 2.0, layers=1)
         handle.monitor(traits, layers="all")
         with torch.no_grad(), capture_block_outputs(model) as outs:

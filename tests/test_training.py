@@ -15,7 +15,7 @@ def loss_and_grads(model, batch):
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_gradients_with_steering_equal_hook_reference(family):
+def test_gradients_with_steering_equal_hook_reference(family, backend):
     model = tiny_model(family).train()
     for m in model.modules():  # dropout off: compare the same function
         if isinstance(m, torch.nn.Dropout):
@@ -24,7 +24,7 @@ def test_gradients_with_steering_equal_hook_reference(family):
     vec = torch.randn(3, 40)
     with hook_steering(model, vec, 1, 3.0, batch["attention_mask"]):
         ref_loss, ref_grads = loss_and_grads(model, batch)
-    with personakern.patch(model) as handle:
+    with personakern.patch(model, backend=backend) as handle:
         handle.steer(vec, 3.0, layers=1)
         loss, grads = loss_and_grads(model, batch)
     assert abs(loss - ref_loss) <= 1e-5
