@@ -43,6 +43,10 @@ class PersonaState:
         self.layer_slot: list[int] = [-1] * num_layers                    # index in the buffer
         self.monitor_traits: list[str] = []
         self.monitor_layers: list[int] = []
+        # counts, not the lists themselves, are what the forward branches on: under
+        # torch.compile a branch on a list guards on its contents (renaming a trait would
+        # recompile), a branch on an int only on its value
+        self.n_monitored = 0
         self.pending_prompt_lengths: Optional[Tensor] = None
         # per sequence / per forward
         self.batch = 0
@@ -74,6 +78,7 @@ class PersonaState:
         """``units``: trait -> unit vectors ``[L, D]`` (float32, model device)."""
         self.monitor_traits = list(units)
         self.monitor_layers = list(layers)
+        self.n_monitored = len(self.monitor_traits)
         self.layer_readout = [None] * self.num_layers
         self.layer_slot = [-1] * self.num_layers
         if units:
@@ -117,7 +122,7 @@ class PersonaState:
         is_prompt = columns[None, :] < self.prompt_end[:, None]  # [B, T]
 
         self.coef = self._coefficients(batch, seqlen, real, is_prompt) if self.slots else None
-        if self.monitor_traits:
+        if self.n_monitored:
             self._prepare_buffer(fresh, past + seqlen, real)
 
     def _coefficients(self, batch: int, seqlen: int, real: Tensor, is_prompt: Tensor) -> Tensor:
@@ -136,7 +141,7 @@ class PersonaState:
         return torch.stack(cols, dim=-1).reshape(batch * seqlen, len(cols))
 
     def _prepare_buffer(self, fresh: bool, end: int, real: Tensor) -> None:
-        n_layers, n_traits = len(self.monitor_layers), len(self.monitor_traits)
+        n_layers, n_traits = len(self.monitor_layers), self.n_monitored
         if fresh or self.buffer is None:
             cap = end + 256
             self.buffer = torch.full((self.batch, cap, n_layers, n_traits), float("nan"), device=self.device)
