@@ -1,9 +1,11 @@
 """End to end on the real SmolLM2-135M-Instruct (fp32, offline)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import personakern
+from conftest import usable_backends
 from reference import capture_block_outputs, hook_steering
 
 QUESTIONS = ["What is the capital of France?", "Give me one tip for sleeping better.",
@@ -22,7 +24,8 @@ def generate(model, batch, n=12):
                               return_dict_in_generate=True, output_logits=True)
 
 
-def test_smollm2_patched_equals_unpatched_and_steering_equals_hooks(smollm2):
+@pytest.mark.parametrize("backend", [b for b in ("native", "cpu") if b in usable_backends()])
+def test_smollm2_patched_equals_unpatched_and_steering_equals_hooks(smollm2, backend):
     model, tok = smollm2
     batch = encode(tok, QUESTIONS)
     assert (batch["attention_mask"] == 0).any()  # the batch really is left-padded
@@ -35,8 +38,8 @@ def test_smollm2_patched_equals_unpatched_and_steering_equals_hooks(smollm2):
     with hook_steering(model, vec, 12, alpha, batch["attention_mask"], "response"):
         ref_steered = generate(model, batch)
 
-    with personakern.patch(model) as handle:
-        assert handle.backend == "native"
+    with personakern.patch(model, backend=backend) as handle:
+        assert handle.backend == backend
         idle = generate(model, batch)
         assert torch.equal(idle.sequences, ref.sequences)
         for a, b in zip(idle.logits, ref.logits):

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import platform
+import shutil
 import sys
 import threading
 import warnings
@@ -57,7 +59,9 @@ def _capability() -> str:
 
 
 def _flags(cap: str) -> list[str]:
-    flags = ["-O3", "-DPK_USE_EMPTY_LIKE", "-std=c++17", "-fopenmp", "-fvisibility=hidden", "-DNDEBUG"]
+    # -ffp-contract=off: a product must stay rounded before it is added wherever the reference
+    # rounds it (the squares of RMSNorm); explicit FMAs are written as such.
+    flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-fvisibility=hidden", "-DNDEBUG"]
     # A namespace of our own keeps our inline ATen vector functions from ever being merged with
     # libtorch's copies built for a different ISA.
     flags += [f"-DCPU_CAPABILITY=personakern_{cap.lower()}"]
@@ -97,23 +101,36 @@ def _build():
     cap = _capability()
     flags = _flags(cap)
     build_dir = _build_dir(cap, flags)
-    module = _import_built(build_dir)
-    if module is not None:
-        return module
-    if os.environ.get("PERSONAKERN_NO_BUILD", "") not in ("", "0"):
-        raise RuntimeError("PERSONAKERN_NO_BUILD is set and no cached build exists")
-    build_dir.mkdir(parents=True, exist_ok=True)
+    build_dir.parent.mkdir(parents=True, exist_ok=True)
     import fcntl
 
-    from torch.utils import cpp_extension
-
+    # Held for the cached-import check too: another process may be writing this very .so.
     with open(build_dir.parent / f"{build_dir.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same key
+        fcntl.flock(lock, fcntl.LOCK_EX)
         module = _import_built(build_dir)
         if module is not None:
             return module
+        if os.environ.get("PERSONAKERN_NO_BUILD", "") not in ("", "0"):
+            raise RuntimeError("PERSONAKERN_NO_BUILD is set and no cached build exists")
+        return _compile(build_dir, flags)
+
+
+def _compile(build_dir: Path, flags: list[str]):
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler found ({compiler})")
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is not installed (pip install ninja)")
+    build_dir.mkdir(exist_ok=True)
+    # Silence torch's compiler-compatibility notices: the caller reports problems once.
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the caller reports unavailability once, not us
+            warnings.simplefilter("ignore")
             return cpp_extension.load(
                 name=_EXT_NAME,
                 sources=[str(p) for p in _sources() if p.suffix == ".cpp"],
@@ -122,6 +139,8 @@ def _build():
                 build_directory=str(build_dir),
                 verbose=False,
             )
+    finally:
+        logger.setLevel(level)
 
 
 def _load():
@@ -137,7 +156,9 @@ def _load():
                                native.add_rms_norm_steer_project)
         except Exception as exc:  # no compiler, failed build, unsupported platform
             lines = str(exc).strip().splitlines() or [type(exc).__name__]
-            _reason = f"cpu extension unavailable: {lines[-1][:300]}"
+            # For a failed compile the first compiler error says more than the last line.
+            errors = [line for line in lines if "error:" in line.lower()]
+            _reason = f"cpu extension unavailable: {(errors or lines)[0].strip()[:300]}"
             ext = None
         else:
             globals().update({op: getattr(ext, op) for op in _OPS})

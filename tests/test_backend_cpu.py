@@ -1,0 +1,299 @@
+"""The C++ CPU backend against the native oracle.
+
+float32 must agree with native to rounding. For bfloat16/float16 the backend's error against a
+float32 reference (native on ``.float()`` inputs) may be at most twice native's own error in that
+dtype, plus a small atol: a kernel is allowed different summation orders, not extra roundings.
+Where an idle patched model must stay bit-identical (the plain residual add, RMSNorm, the add +
+norm), equality is exact.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import math
+
+import pytest
+import torch
+
+from personakern.backends import cpu, native
+
+if not cpu.available():
+    pytest.skip(f"cpu backend not built: {cpu.unavailable_reason()}", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 576), (3, 7), (64, 40), (1000, 576), (3, 4099), (1, 1)]
+EPS = 1e-6
+INF = math.inf
+
+
+def unit(rows, d, gen):
+    return torch.nn.functional.normalize(torch.randn(rows, d, generator=gen), dim=-1)
+
+
+def bounds(n, c, gen):
+    """Per-(row, vector) bounds cycling through no-op, capping, ablation and a two-sided band."""
+    lo, hi = torch.empty(n, c), torch.empty(n, c)
+    kinds = torch.randint(0, 4, (n, c), generator=gen)
+    tau = torch.rand(n, c, generator=gen)
+    lo[kinds == 0], hi[kinds == 0] = -INF, INF
+    lo[kinds == 1], hi[kinds == 1] = -INF, tau[kinds == 1]
+    lo[kinds == 2], hi[kinds == 2] = 0.0, 0.0
+    lo[kinds == 3], hi[kinds == 3] = -tau[kinds == 3], tau[kinds == 3]
+    return lo, hi
+
+
+def make(n, d, dtype, s=0, c=0, m=0, steer=True, clamp=True, read=True, seed=0):
+    gen = torch.Generator().manual_seed(seed + 1000 * n + d)
+    t = dict(
+        hidden=(4 * torch.randn(n, d, generator=gen)).to(dtype),
+        delta=torch.randn(n, d, generator=gen).to(dtype),
+        weight=(1 + 0.2 * torch.randn(d, generator=gen)).to(dtype),
+    )
+    if steer:
+        t["steer_vecs"] = 3 * unit(s, d, gen)
+        t["coef"] = torch.randn(n, s, generator=gen)
+    if clamp:
+        t["clamp_vecs"] = unit(c, d, gen)
+        t["clamp_lo"], t["clamp_hi"] = bounds(n, c, gen)
+    if read:
+        t["readout"] = unit(m, d, gen)
+    return t
+
+
+GROUPS = ("steer_vecs", "coef", "clamp_vecs", "clamp_lo", "clamp_hi", "readout")
+
+
+def as_f32(t):
+    return {k: v.float() for k, v in t.items()}
+
+
+def check(got, ref, ref32, dtype):
+    """One output (or None) against native in the same dtype and the float32 reference."""
+    if ref is None:
+        assert got is None
+        return
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    if got.numel() == 0:
+        return
+    scale = ref32.abs().max().item() + 1e-30
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * scale)
+        return
+    err = (got.float() - ref32).abs().max().item()
+    err_native = (ref.float() - ref32).abs().max().item()
+    assert err <= 2 * err_native + 1e-5 * scale, (err, err_native)
+
+
+def run_both(op, dtype, args, kwargs):
+    got = getattr(cpu, op)(*args, **kwargs)
+    ref = getattr(native, op)(*args, **kwargs)
+    ref32 = getattr(native, op)(*[a.float() if torch.is_tensor(a) else a for a in args],
+                                **{k: v.float() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+    got, ref, ref32 = [x if isinstance(x, tuple) else (x,) for x in (got, ref, ref32)]
+    assert len(got) == len(ref)
+    for g, r, r32 in zip(got, ref, ref32):
+        check(g, r, r32, dtype)
+    return got, ref
+
+
+CONFIGS = {  # (S, C, M) and which groups are passed at all
+    "none": dict(steer=False, clamp=False, read=False),
+    "read": dict(m=3, steer=False, clamp=False),
+    "steer": dict(s=3, clamp=False, read=False),
+    "clamp": dict(c=3, steer=False, m=1),
+    "all": dict(s=3, c=3, m=3),
+    "ones": dict(s=1, c=1, m=1),
+    "empty": dict(s=0, c=0, m=0),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_steer_project(dtype, shape, config):
+    t = make(*shape, dtype, **CONFIGS[config])
+    kwargs = {k: t[k] for k in GROUPS if k in t}
+    (out, readings), (ref, _) = run_both("steer_project", dtype, (t["hidden"], t["delta"]), kwargs)
+    if config in ("none", "read", "empty"):
+        # no steering/clamping: the residual add itself, bit for bit
+        assert torch.equal(out, t["hidden"] + t["delta"])
+    if config == "empty":
+        assert readings.shape == (shape[0], 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 576), (3, 7), (64, 2048), (1000, 40), (3, 4099), (1, 1)], ids=str)
+@pytest.mark.parametrize("gemma", [False, True])
+def test_rms_norm(dtype, shape, gemma):
+    t = make(*shape, dtype, steer=False, clamp=False, read=False)
+    got, ref = run_both("rms_norm", dtype, (t["hidden"], t["weight"], EPS, gemma), {})
+    # the kernel reproduces ATen's reduction order, so the norm is bit-identical
+    assert torch.equal(got[0], ref[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 576), (3, 7), (64, 2048), (1000, 40), (3, 4099)], ids=str)
+@pytest.mark.parametrize("gemma", [False, True])
+def test_add_rms_norm(dtype, shape, gemma):
+    t = make(*shape, dtype, steer=False, clamp=False, read=False)
+    (normed, r), (ref_normed, _) = run_both("add_rms_norm", dtype,
+                                            (t["hidden"], t["delta"], t["weight"], 1e-5, gemma), {})
+    assert torch.equal(r, t["hidden"] + t["delta"]) and torch.equal(normed, ref_normed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 576), (3, 7), (64, 40), (1000, 576), (3, 4099)], ids=str)
+@pytest.mark.parametrize("config", ["none", "read", "steer", "clamp", "all", "empty"])
+@pytest.mark.parametrize("gemma", [False, True])
+def test_add_rms_norm_steer_project(dtype, shape, config, gemma):
+    t = make(*shape, dtype, **CONFIGS[config])
+    kwargs = {k: t[k] for k in GROUPS if k in t}
+    (normed, r, readings), (ref_normed, _, _) = run_both(
+        "add_rms_norm_steer_project", dtype, (t["hidden"], t["delta"], t["weight"], EPS, gemma), kwargs)
+    if config in ("none", "read", "empty"):
+        # idle: residual and norm bit-identical to the unpatched computation
+        assert torch.equal(r, t["hidden"] + t["delta"]) and torch.equal(normed, ref_normed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_parallel_rows(dtype):
+    # Big enough to split rows across threads.
+    t = make(2048, 2048, dtype, s=1, c=1, m=3)
+    kwargs = {k: t[k] for k in GROUPS}
+    run_both("add_rms_norm_steer_project", dtype, (t["hidden"], t["delta"], t["weight"], EPS, False), kwargs)
+
+
+def test_ablation_and_cap_hit_targets():
+    gen = torch.Generator().manual_seed(3)
+    c = torch.linalg.qr(torch.randn(64, 2, generator=gen))[0].t().contiguous()  # orthonormal
+    h = 3 * torch.randn(4, 64, generator=gen)
+    lo = torch.tensor([[0.0, -INF]] * 4)
+    hi = torch.tensor([[0.0, 0.25]] * 4)
+    out, readings = cpu.steer_project(h, None, None, None, c, lo, hi, c)
+    assert readings[:, 0].abs().max() < 1e-5  # ablated
+    assert (readings[:, 1] <= 0.25 + 1e-5).all()  # capped
+    torch.testing.assert_close(readings, out @ c.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_zero_rows():
+    t = make(0, 40, torch.bfloat16, s=1, c=1, m=2)
+    run_both("add_rms_norm_steer_project", torch.bfloat16, (t["hidden"], t["delta"], t["weight"], EPS),
+             {k: t[k] for k in GROUPS})
+
+
+def test_none_delta_never_aliases_hidden():
+    t = make(3, 40, torch.bfloat16, m=2, steer=False, clamp=False)
+    out, readings = cpu.steer_project(t["hidden"], readout=t["readout"])
+    assert out is not t["hidden"] and out.data_ptr() != t["hidden"].data_ptr()
+    assert torch.equal(out, t["hidden"])
+    torch.testing.assert_close(readings, t["hidden"].float() @ t["readout"].t())
+    out, readings = cpu.steer_project(t["hidden"])
+    assert torch.equal(out, t["hidden"]) and out.data_ptr() != t["hidden"].data_ptr() and readings is None
+
+
+def test_inputs_untouched_and_outputs_fresh():
+    t = make(5, 40, torch.bfloat16, s=2, c=2, m=2)
+    before = {k: v.clone() for k, v in t.items()}
+    normed, r, _ = cpu.add_rms_norm_steer_project(t["hidden"], t["delta"], t["weight"], EPS, False,
+                                                  *[t[k] for k in GROUPS])
+    for k, v in t.items():
+        assert torch.equal(v, before[k]), k
+    ptrs = {v.data_ptr() for v in t.values()}
+    assert normed.data_ptr() not in ptrs and r.data_ptr() not in ptrs
+
+
+def test_signatures_match_native():
+    for op in ("rms_norm", "steer_project", "add_rms_norm", "add_rms_norm_steer_project"):
+        ours, ref = inspect.signature(getattr(cpu, op)), inspect.signature(getattr(native, op))
+        assert [(p.name, p.default, p.kind) for p in ours.parameters.values()] == \
+               [(p.name, p.default, p.kind) for p in ref.parameters.values()], op
+
+
+def test_keywords_and_broadcast_rows():
+    t = make(6, 40, torch.float16, s=2, c=1, m=1)
+    kwargs = dict(steer_vecs=t["steer_vecs"], coef=t["coef"][:1], clamp_vecs=t["clamp_vecs"],
+                  clamp_lo=t["clamp_lo"][0], clamp_hi=t["clamp_hi"], readout=t["readout"])
+    run_both("steer_project", torch.float16, (t["hidden"],), dict(kwargs, delta=t["delta"]))
+
+
+def test_leading_dims_and_noncontiguous():
+    x = torch.randn(2, 5, 40).to(torch.bfloat16)
+    w = torch.randn(40).to(torch.bfloat16)
+    run_both("rms_norm", torch.bfloat16, (x, w, EPS), {"gemma": True})
+    u = unit(3, 40, torch.Generator().manual_seed(0))
+    out, readings = cpu.steer_project(x, x, readout=u)
+    assert readings.shape == (2, 5, 3) and torch.equal(out, x + x)
+    xt = torch.randn(40, 7).t()  # non-contiguous rows
+    run_both("add_rms_norm", torch.float32, (xt, xt, torch.randn(40), EPS), {})
+
+
+def test_fallbacks_to_native():
+    # autograd: native builds the graph
+    t = make(3, 40, torch.float32, s=1, c=1, m=1)
+    h = t["hidden"].clone().requires_grad_()
+    out, readings = cpu.steer_project(h, t["delta"], *[t[k] for k in GROUPS])
+    (out.sum() + readings.sum()).backward()
+    assert h.grad is not None
+    # other dtypes / mismatched dtypes: whatever native does
+    x = torch.randn(3, 8, dtype=torch.float64)
+    assert cpu.rms_norm(x, torch.ones(8, dtype=torch.float64), EPS).dtype == torch.float64
+    y = cpu.steer_project(x.float(), x.half())[0]
+    assert torch.equal(y, x.float() + x.half())
+    # lazily negated views are not plain memory
+    neg = torch._neg_view(t["hidden"])
+    assert torch.equal(cpu.steer_project(neg, t["delta"])[0], -t["hidden"] + t["delta"])
+    # bad arguments raise native's errors
+    with pytest.raises(TypeError):
+        cpu.rms_norm(x)
+    with pytest.raises(TypeError):
+        cpu.steer_project(x, nonsense=1)
+    with pytest.raises(Exception):
+        cpu.steer_project(t["hidden"], steer_vecs=t["steer_vecs"])  # coef missing
+
+
+def fresh_module(name="personakern.backends._cpu_probe"):
+    spec = importlib.util.spec_from_file_location(name, cpu.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_import_does_not_build_and_no_build_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONAKERN_CACHE", str(tmp_path))
+    monkeypatch.setenv("PERSONAKERN_NO_BUILD", "1")
+    probe = fresh_module()
+    assert not any(tmp_path.iterdir()) and not probe._tried
+    assert probe.available() is False
+    assert "PERSONAKERN_NO_BUILD" in probe.unavailable_reason()
+    with pytest.raises(RuntimeError):
+        probe.rms_norm(torch.ones(1, 4), torch.ones(4), EPS)
+
+
+def test_failed_build_is_reported_not_printed(tmp_path, monkeypatch, capfd):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "broken.cpp").write_text("this is not C++;\n")
+    monkeypatch.setenv("PERSONAKERN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("PERSONAKERN_NO_BUILD", raising=False)
+    probe = fresh_module()
+    monkeypatch.setattr(probe, "_SRC_DIR", src)
+    assert probe.available() is False
+    assert "error" in probe.unavailable_reason().lower()
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_inside_custom_op_autograd():
+    # The ops layer wraps backends in torch.library custom ops; below the autograd key the
+    # kernels must run (and agree with native's own autograd).
+    from personakern.ops.library import register
+
+    ops = register("cpu_test", cpu)
+    t = make(4, 40, torch.float32, s=1, c=2, m=1)
+    grads = []
+    for fn in (ops.add_rms_norm_steer_project, native.add_rms_norm_steer_project):
+        h = t["hidden"].clone().requires_grad_()
+        normed, r, _ = fn(h, t["delta"], t["weight"], EPS, False, *[t[k] for k in GROUPS])
+        (normed * torch.arange(40.0)).sum().backward()
+        grads.append(h.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
