@@ -78,3 +78,22 @@ def test_direct_path_without_grad_and_readings_none():
     assert readings is None and torch.equal(out, t["hidden"] + t["delta"])
     out, readings = OPS.steer_project(t["hidden"].requires_grad_(), t["delta"], readout=t["readout"])
     assert out.requires_grad and readings.shape == (5, 3)
+
+
+def test_opcheck_compiled_backends():
+    """The registration of each compiled backend usable here passes torch.library's checks
+    (schema, fake kernel, autograd registration, dispatcher consistency)."""
+    from conftest import usable_backends
+    from personakern import ops
+    compiled = [b for b in usable_backends() if b != "native"]
+    if not compiled:
+        pytest.skip("no compiled backend usable here")
+    t = make(n=6, d=19, dtype=torch.float32, seed=7)
+    steer = [t[k] for k in STEER_KEYS]
+    for name in compiled:
+        lib = ops.select_backend(torch.device("cpu"), torch.float32, name).ops
+        torch.library.opcheck(lib.steer_project, (t["hidden"], t["delta"], *steer))
+        torch.library.opcheck(lib.rms_norm, (t["hidden"], t["weight"], 1e-6, True))
+        torch.library.opcheck(lib.add_rms_norm, (t["hidden"], t["delta"], t["weight"], 1e-6, False))
+        torch.library.opcheck(lib.add_rms_norm_steer_project,
+                              (t["hidden"], t["delta"], t["weight"], 1e-6, False, *steer))
