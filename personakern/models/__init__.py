@@ -86,6 +86,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
         # which 4.x does not know; the tokenizer.json itself loads fine generically
         from transformers import PreTrainedTokenizerFast
         tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+        tokenizer.model_input_names = ["input_ids", "attention_mask"]  # no token_type_ids
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # batched generation pads on the left
