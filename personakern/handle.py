@@ -14,7 +14,7 @@ from . import ops as ops_dispatch
 from . import patching
 from .readings import Readings
 from .state import POSITION_MODES, PersonaState, SteerSlot
-from .vectors import PersonaVector, VectorFileError, VectorSet, as_layer_tensor, check_fingerprint
+from .vectors import PersonaVector, VectorSet, as_layer_tensor, check_fingerprint
 
 VectorLike = Union[PersonaVector, Tensor]
 Layers = Union[int, Iterable[int], str, None]

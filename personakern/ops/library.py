@@ -28,10 +28,6 @@ def _acc(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-_STEER = ("Tensor? steer_vecs, Tensor? coef, Tensor? clamp_vecs, Tensor? clamp_lo, "
-          "Tensor? clamp_hi, Tensor? readout")
-
-
 def _readings_or_empty(readings: Optional[Tensor], rows: Tensor) -> Tensor:
     return rows.new_empty((rows.shape[0], 0), dtype=torch.float32) if readings is None else readings
 

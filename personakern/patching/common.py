@@ -51,20 +51,18 @@ def fuse_allowed(layer: nn.Module) -> bool:
 
 def make_norm(state, norm: nn.Module) -> Callable:
     """A callable ``x -> norm(x)`` that uses the backend's fused RMSNorm when it is exact."""
-    name = type(norm).__name__
-    if name in LLAMA_STYLE_NORMS or name in GEMMA_STYLE_NORMS:
-        gemma = name in GEMMA_STYLE_NORMS
-        eps = norm_eps(norm)
-        return lambda x: state.ops.rms_norm(x, norm.weight, eps, gemma)
-    return norm
+    spec = norm_spec(norm)
+    if spec is None:
+        return norm
+    _, eps, gemma = spec
+    return lambda x: state.ops.rms_norm(x, norm.weight, eps, gemma)
 
 
 def make_add_norm(state, norm: nn.Module) -> Callable:
     """A callable ``(residual, x) -> (norm(residual + x), residual + x)``."""
-    name = type(norm).__name__
-    if name in LLAMA_STYLE_NORMS or name in GEMMA_STYLE_NORMS:
-        gemma = name in GEMMA_STYLE_NORMS
-        eps = norm_eps(norm)
+    spec = norm_spec(norm)
+    if spec is not None:
+        _, eps, gemma = spec
         return lambda residual, x: state.ops.add_rms_norm(residual, x, norm.weight, eps, gemma)
 
     def fallback(residual, x):
