@@ -92,7 +92,8 @@ class PersonaState:
     # ------------------------------------------------------------------ per forward
     def begin_forward(self, batch: int, seqlen: int, attention_mask: Optional[Tensor], cache) -> None:
         """Called by the patched decoder once per forward, before the first layer."""
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] == batch:
+        mask2d = attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] == batch
+        if mask2d:
             past = attention_mask.shape[1] - seqlen
         elif cache is not None and hasattr(cache, "get_seq_length"):
             past = int(cache.get_seq_length())
@@ -114,7 +115,7 @@ class PersonaState:
         self.past = past
         self.stash = None
 
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] == batch:
+        if mask2d:
             real = attention_mask[:, past:past + seqlen].to(device=self.device, dtype=torch.bool)
         else:
             real = torch.ones(batch, seqlen, dtype=torch.bool, device=self.device)
