@@ -55,9 +55,8 @@ def _answers(tok, out, prompt_width):
     return [tok.decode(row[prompt_width:], skip_special_tokens=True).strip() for row in out]
 
 
-def _print_projection(tok, handle, out, row, trait, layer, color):
+def _print_projection(tok, r, out, row, trait, layer, color):
     from .render import legend, shade_tokens, sparkline
-    r = handle.readings
     start = int(r.prompt_lengths[row])
     ids = out[row, start:r.values.shape[1]].tolist()
     vals = r.get(trait, layer)[row, start:start + len(ids)].tolist()
@@ -91,10 +90,11 @@ def cmd_demo(args):
         with step(f"generating {args.max_new_tokens} tokens at alpha = {alphas} (one batch, backend "
                   f"{handle.backend})"):
             out = _generate(model, tok, batch, args.max_new_tokens)
-        means = handle.readings.response_mean()[:, handle.readings.layers.index(later), 0].tolist()
+        readings = handle.readings  # one copy of the device buffer to the host
+        means = readings.response_mean()[:, readings.layers.index(later), 0].tolist()
         for a, text, mean in zip(alphas, _answers(tok, out, batch["input_ids"].shape[1]), means):
             print(f"\n[alpha {a:+.1f} | mean projection at block {later}: {mean:+.2f}] {text}")
-        _print_projection(tok, handle, out, 1, pv.trait, layer, use_color())
+        _print_projection(tok, readings, out, 1, pv.trait, layer, use_color())
     return 0
 
 
@@ -128,11 +128,12 @@ def cmd_monitor(args):
             out = _generate(model, tok, batch, args.max_new_tokens)
         answers = _answers(tok, out, batch["input_ids"].shape[1])
         color = use_color() and not args.no_color
+        readings = handle.readings
         for row, (prompt, text) in enumerate(zip(args.prompt, answers)):
             print(f"\n> {prompt}\n{text}")
-            _print_projection(tok, handle, out, row, pv.trait, layer, color)
+            _print_projection(tok, readings, out, row, pv.trait, layer, color)
         if args.save:
-            handle.readings.save(args.save)
+            readings.save(args.save)
             print(f"\nreadings of all layers saved to {args.save}")
     return 0
 

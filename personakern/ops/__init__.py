@@ -1,4 +1,4 @@
-"""Ops dispatch: one function per op, backed by the backend chosen once at patch time.
+"""Ops dispatch: the backend whose four op functions the patched layers call, chosen once at patch time.
 
 A backend exposes ``NAME``, ``available(device)``, ``unavailable_reason()`` and the four ops of
 :mod:`personakern.backends.native` with the same signatures. The compiled ones (cpu, triton,
@@ -20,7 +20,6 @@ import torch
 from ..backends import native
 
 ENV_VAR = "PERSONAKERN_BACKEND"
-OP_NAMES = ("rms_norm", "steer_project", "add_rms_norm", "add_rms_norm_steer_project")
 BACKENDS = ("native", "cpu", "triton", "cuda")
 # preference order per device type when nothing is requested
 PREFERENCE = {"cpu": ("cpu", "native"), "cuda": ("cuda", "triton", "native")}
@@ -104,9 +103,3 @@ def select_backend(device: torch.device, dtype: torch.dtype, requested: Optional
             warnings.warn(f"personakern: the {candidate} backend is unavailable "
                           f"({unavailable_reason(candidate, device)}); using a slower one", stacklevel=3)
     return native
-
-
-rms_norm = native.rms_norm
-steer_project = native.steer_project
-add_rms_norm = native.add_rms_norm
-add_rms_norm_steer_project = native.add_rms_norm_steer_project

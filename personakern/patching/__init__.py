@@ -60,13 +60,13 @@ def apply(model: nn.Module, state, handle) -> list:
             "handle.unpatch() first"
         )
     layers = list(decoder.layers)
-    bodies = [family.make_forward(layer, state, i) for i, layer in enumerate(layers)]  # validates
-    del bodies
+    # build every body first: a layer the family cannot handle raises before anything changes
+    bodies = [family.make_forward(layer, state, i) for i, layer in enumerate(layers)]
     saved = [(m, m.__dict__.get("forward")) for m in (*layers, decoder)]
     state.next_norms = [norm_spec(layers[i + 1].input_layernorm) if i + 1 < len(layers) else None
                         for i in range(len(layers))]
-    for i, layer in enumerate(layers):
-        install_layer_forward(layer, family.make_forward, state, i, _returns_tuple(family))
+    for layer, body in zip(layers, bodies):
+        install_layer_forward(layer, body, _returns_tuple(family))
     install_decoder_forward(decoder, state)
     setattr(decoder, ATTR, handle)
     return saved

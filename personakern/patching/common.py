@@ -95,8 +95,7 @@ def install_decoder_forward(decoder: nn.Module, state) -> None:
     decoder.forward = forward
 
 
-def install_layer_forward(layer: nn.Module, make_forward: Callable, state, index: int, returns_tuple: bool) -> None:
-    body = make_forward(layer, state, index)
+def install_layer_forward(layer: nn.Module, body: Callable, returns_tuple: bool) -> None:
     names = positional_names(layer.forward)[1:]  # first one is hidden_states
 
     checkpoint_here = not _CHECKPOINT_IN_CALL and hasattr(layer, "gradient_checkpointing")
