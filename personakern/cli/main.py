@@ -1,4 +1,4 @@
-"""``personakern`` command line: demo, steer, monitor, info."""
+"""``personakern`` command line: demo, steer, monitor, bench, info; traits, extract, report, vectors."""
 from __future__ import annotations
 
 import argparse
@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="versions, backends and supported model types")
     i.set_defaults(func=cmd_info)
+
+    from .pipeline_cmds import register
+    register(sub)
     return p
 
 
@@ -231,7 +234,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"personakern: error: {e}", file=sys.stderr)
         return 2
 

@@ -28,15 +28,16 @@ Sample = tuple  # (system, question, answer)
 
 
 def load_trait(spec: Union[str, dict] = DEFAULT_TRAIT) -> dict:
-    """A trait definition: a built-in name (``data/traits/<name>.json``), a JSON path, or a dict
-    with ``trait``, ``positive`` and ``negative`` (system prompts) and ``questions``."""
-    if isinstance(spec, dict):
-        d = dict(spec)
-    else:
-        path = Path(spec) if str(spec).endswith(".json") else DATA / "traits" / f"{spec}.json"
-        if not path.exists():
-            raise FileNotFoundError(f"no trait definition {spec!r} (looked for {path})")
-        d = json.loads(path.read_text())
+    """A trait definition as ``{trait, description, positive, negative, questions}``: a built-in
+    name or path of a trait spec (see :mod:`personakern.extraction.spec`; its extraction
+    questions are used), or a dict with ``trait``, ``positive`` and ``negative`` (system prompts)
+    and ``questions``."""
+    if not (isinstance(spec, dict) and "trait" in spec):
+        from .spec import load_spec
+        ts = load_spec(spec)
+        return {"trait": ts.name, "description": ts.description, "positive": ts.positive,
+                "negative": ts.negative, "questions": list(ts.questions)}
+    d = dict(spec)
     for key in ("trait", "positive", "negative", "questions"):
         if not d.get(key):
             raise ValueError(f"trait definition needs a non-empty {key!r}")

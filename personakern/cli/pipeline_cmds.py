@@ -1,0 +1,208 @@
+"""CLI commands of the extraction pipeline: ``traits``, ``extract``, ``report``, ``vectors``."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_traits(args):
+    from personakern.extraction import spec as S
+    if args.action == "list":
+        for name in S.builtin_names():
+            ts = S.load_spec(name)
+            print(f"{name:<14} {len(ts.instructions)} pairs, {len(ts.questions)}+{len(ts.eval_questions)} "
+                  f"questions  {ts.description[:70]}{'…' if len(ts.description) > 70 else ''}")
+        return 0
+    if args.action == "show":
+        _need(args, "show")
+        ts = S.load_spec(args.name)
+        if args.json:
+            print(json.dumps(ts.to_dict(), indent=2, ensure_ascii=False))
+            return 0
+        print(f"{ts.name}  ({ts.source}, hash {ts.hash})\n\n{ts.description}\n\ninstructions (positive / negative):")
+        for i, (p, n) in enumerate(ts.instructions):
+            print(f"  {i}+ {p}\n  {i}- {n}")
+        print(f"\nextraction questions ({len(ts.questions)}):")
+        print("\n".join(f"  - {q}" for q in ts.questions))
+        print(f"\nevaluation questions ({len(ts.eval_questions)}):")
+        print("\n".join(f"  - {q}" for q in ts.eval_questions))
+        print(f"\nrubric:\n{ts.rubric}")
+        return 0
+    if args.action == "validate":
+        _need(args, "validate")
+        bad = 0
+        for target in [args.name] + list(args.more or []):
+            try:
+                ts = S.load_spec(target)
+                print(f"ok  {target}: {ts.name}, {len(ts.instructions)} pairs, {len(ts.questions)} + "
+                      f"{len(ts.eval_questions)} questions, hash {ts.hash}")
+            except (S.TraitSpecError, FileNotFoundError) as e:
+                bad += 1
+                print(f"BAD {target}: {e}")
+        return 1 if bad else 0
+    if args.action == "new":
+        _need(args, "new")
+        if not args.description:
+            raise ValueError("traits new needs --description 'what the trait is'")
+        from personakern.extraction.draft import draft_spec, http_chat, local_chat
+        out = Path(args.out or f"{args.name}.json")
+        if out.exists() and not args.force:
+            raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+        if args.endpoint:
+            chat = http_chat(args.endpoint, args.endpoint_model, args.api_key)
+            who = f"{args.endpoint} ({args.endpoint_model})"
+        else:
+            from .main import _load
+            model, tok = _load(args)
+            chat = local_chat(model, tok)
+            who = args.model
+        d, problems = draft_spec(args.name, args.description, chat, progress=True)
+        from personakern.utils import atomic_write_text
+        atomic_write_text(out, json.dumps(d, indent=2, ensure_ascii=False) + "\n")
+        print(f"wrote draft {out} (drafted by {who})")
+        if problems:
+            print("the draft is not complete yet; edit it, then `personakern traits validate "
+                  f"{out}`:\n  - " + "\n  - ".join(problems))
+        return 0
+    raise ValueError(f"unknown traits action {args.action!r}")
+
+
+def _need(args, action):
+    if not args.name:
+        raise ValueError(f"traits {action} needs a trait name or spec path")
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(s).rstrip("/").rsplit("/", 1)[-1].lower())
+
+
+def cmd_extract(args):
+    from personakern.extraction.generate import GenSettings
+    from personakern.extraction.pipeline import ExtractConfig, extract
+    from personakern.extraction.report import render_text
+    from personakern.extraction.spec import load_spec
+    from personakern.judges import make_judge
+    from .main import _load
+
+    spec = load_spec(args.trait)  # fail on a bad spec before loading anything
+    model, tok = _load(args)
+    judge = make_judge(args.judge, model=model, tokenizer=tok, **_judge_kw(args))
+    cfg = ExtractConfig(
+        n_per_question=args.n, gen=GenSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                               batch_size=args.batch_size, seed=args.seed),
+        pos_threshold=args.pos_threshold, neg_threshold=args.neg_threshold,
+        coherence_threshold=args.coherence_threshold, min_kept=args.min_kept,
+        sweep_layers=args.sweep_layers, sweep_alphas=tuple(args.sweep_alphas),
+        sweep_questions=args.sweep_questions, coherence_floor=args.coherence_floor, sweep=not args.no_sweep)
+    out = Path(args.out or f"personakern-runs/{spec.name}-{_slug(args.model)}")
+    vs = extract(model, tok, spec, judge, out, cfg, progress=not args.quiet,
+                 log=lambda s: print(s, file=sys.stderr))
+    print(render_text(vs[spec.name].meta["report"]))
+    return 0
+
+
+def _judge_kw(args) -> dict:
+    kw = {}
+    if getattr(args, "judge_url", None):
+        kw["base_url"] = args.judge_url
+    if getattr(args, "judge_model", None):
+        kw["model_name"] = args.judge_model
+    return kw
+
+
+def cmd_report(args):
+    from personakern.extraction.report import report_files
+    print(report_files(args.vectors, out_png=args.png, out_json=args.json))
+    return 0
+
+
+def cmd_vectors(args):
+    from personakern import interop
+    from personakern.vectors import VectorSet, load_vectors
+    model = None
+    if args.check_model:
+        from .main import _load
+        model, _ = _load(args)
+    if args.action == "import":
+        pv = interop.import_vector(args.src, model=model, trait=args.trait, format=args.format)
+        vs = pv if isinstance(pv, VectorSet) else VectorSet([pv])
+        vs.save(args.dst)
+        print(f"wrote {args.dst}: traits {vs.traits}")
+        return 0
+    if args.action == "export":
+        vs = load_vectors(args.src, model=model)
+        trait = args.trait or (vs.traits[0] if len(vs) == 1 else None)
+        if trait is None:
+            raise ValueError(f"{args.src} holds {vs.traits}; pass --trait")
+        dst = Path(args.dst)
+        fmt = args.format or {".gguf": "gguf", ".pt": "reference", ".pth": "reference"}.get(dst.suffix)
+        if fmt == "gguf":
+            interop.export_gguf(vs[trait], dst, layers=args.layers, scale=args.scale)
+        elif fmt == "reference":
+            interop.export_reference_pt(vs[trait], dst)
+        else:
+            raise ValueError(f"cannot tell the export format of {dst}: use .gguf or .pt, or --format gguf|reference")
+        print(f"wrote {dst} ({fmt}) from trait {trait!r}")
+        return 0
+    raise ValueError(f"unknown vectors action {args.action!r}")
+
+
+def register(sub) -> None:
+    t = sub.add_parser("traits", help="list, show, validate or draft trait specs")
+    t.add_argument("action", choices=["list", "show", "validate", "new"])
+    t.add_argument("name", nargs="?", help="built-in trait name or spec path (new: the new trait's name)")
+    t.add_argument("more", nargs="*", help="validate: more specs")
+    t.add_argument("--json", action="store_true", help="show: print the spec as JSON")
+    t.add_argument("--description", help="new: what the trait is, in words")
+    t.add_argument("--out", help="new: where to write the draft (default NAME.json)")
+    t.add_argument("--force", action="store_true", help="new: overwrite an existing file")
+    t.add_argument("--model", default="smollm2", help="new: local model that drafts the spec")
+    t.add_argument("--endpoint", help="new: OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1) instead")
+    t.add_argument("--endpoint-model", default="gpt-4o-mini", help="new: model name at the endpoint")
+    t.add_argument("--api-key", default=None, help="new: endpoint key (default: $OPENAI_API_KEY)")
+    t.set_defaults(func=cmd_traits)
+
+    e = sub.add_parser("extract", help="the full pipeline: generate, judge, filter, vectors, layer sweep, report")
+    e.add_argument("--trait", default="evil", help="built-in trait or spec path (default: evil)")
+    e.add_argument("--model", default="smollm2")
+    e.add_argument("--backend", default=None)
+    e.add_argument("--judge", default="default", help="default | llm | likelihood | embedding | http")
+    e.add_argument("--judge-url", default=None, help="http judge: OpenAI-compatible base URL")
+    e.add_argument("--judge-model", default=None, help="http judge: model name")
+    e.add_argument("--out", default=None, help="run folder (default personakern-runs/TRAIT-MODEL); reruns resume")
+    e.add_argument("--n", type=int, default=1, help="answers per (instruction pair, question) and side")
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--temperature", type=float, default=0.8)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--pos-threshold", type=float, default=50.0)
+    e.add_argument("--neg-threshold", type=float, default=50.0)
+    e.add_argument("--coherence-threshold", type=float, default=50.0)
+    e.add_argument("--min-kept", type=int, default=5)
+    e.add_argument("--sweep-layers", type=int, nargs="*", default=None)
+    e.add_argument("--sweep-alphas", type=float, nargs="*", default=[2.0, 4.0, 6.0, 8.0])
+    e.add_argument("--sweep-questions", type=int, default=20)
+    e.add_argument("--coherence-floor", type=float, default=50.0)
+    e.add_argument("--no-sweep", action="store_true", help="choose the layer by held-out AUROC only")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_extract)
+
+    r = sub.add_parser("report", help="re-render the quality report of extracted vector files")
+    r.add_argument("vectors", nargs="+")
+    r.add_argument("--png", default=None, help="also write the plot(s) here")
+    r.add_argument("--json", default=None, help="also write a JSON summary (with cosine similarities)")
+    r.set_defaults(func=cmd_report)
+
+    v = sub.add_parser("vectors", help="import/export vectors: llama.cpp/repeng GGUF, reference .pt")
+    v.add_argument("action", choices=["import", "export"])
+    v.add_argument("src")
+    v.add_argument("dst")
+    v.add_argument("--trait", default=None)
+    v.add_argument("--format", default=None, help="gguf | reference | safetensors (default: by extension)")
+    v.add_argument("--layers", type=int, nargs="*", default=None, help="export: blocks to include (GGUF)")
+    v.add_argument("--scale", type=float, default=1.0, help="export: multiply the vectors (GGUF)")
+    v.add_argument("--check-model", action="store_true", help="load --model and check the vectors fit it")
+    v.add_argument("--model", default="smollm2")
+    v.add_argument("--backend", default=None)
+    v.set_defaults(func=cmd_vectors)

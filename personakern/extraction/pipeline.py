@@ -1,0 +1,310 @@
+"""The full extraction pipeline: trait spec -> judged answers -> vectors -> layer choice -> report.
+
+Stages (each cached in ``out_dir``, so an interrupted run resumes where it stopped):
+
+1. **generate**: every extraction question under every positive and every negative system
+   prompt of the spec, ``n_per_question`` samples each (batched, sampled); the evaluation
+   questions once per side (held-out set, instruction pair chosen round-robin).
+2. **judge**: trait score and coherence of every answer (a pluggable :mod:`personakern.judges`).
+3. **filter**: keep positive answers with trait >= ``pos_threshold``, negative answers with
+   trait < ``neg_threshold``, and only answers with coherence >= ``coherence_threshold``
+   (answers the judge could not score are dropped and counted).
+4. **vectors**: response / prompt / last-prompt-token means of every block's output for the
+   kept answers; vector = mean(positive) - mean(negative), per layer.
+5. **layers**: per layer, the AUROC of the held-out answers' projections (response means on the
+   unit response vector; positive vs negative); a steering sweep over layers and alphas on the
+   evaluation questions (no system prompt), each answer judged; the chosen layer is the one with
+   the largest rise of the mean trait score over the unsteered baseline while mean coherence
+   stays >= ``coherence_floor``.
+
+Outputs: ``vectors.safetensors`` (traits ``<name>`` = response average, ``<name>.prompt``,
+``<name>.last_prompt``; metadata holds counts, judge, spec hash, chosen layer and the whole
+report), ``report.json`` and ``report.png``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..utils import JsonlLog, atomic_write_json
+from ..vectors import PersonaVector, VectorSet, model_fingerprint
+from .collect import KINDS, collect_means
+from .generate import GenSettings, generate_cached, settings_hash
+from .spec import TraitSpec, load_spec
+
+
+@dataclass
+class ExtractConfig:
+    n_per_question: int = 1               # samples per (instruction pair, extraction question)
+    gen: GenSettings = field(default_factory=GenSettings)
+    pos_threshold: float = 50.0
+    neg_threshold: float = 50.0
+    coherence_threshold: float = 50.0
+    min_kept: int = 5                     # fewer kept answers on a side is an error
+    sweep_layers: Optional[List[int]] = None   # default: 6 layers spread over 15-85% of depth
+    sweep_alphas: Tuple[float, ...] = (2.0, 4.0, 6.0, 8.0)
+    sweep_questions: int = 20             # first k evaluation questions
+    coherence_floor: float = 50.0
+    collect_batch_size: int = 16
+    sweep: bool = True
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sweep_alphas"] = list(self.sweep_alphas)
+        return d
+
+
+def default_sweep_layers(num_layers: int, k: int = 6) -> List[int]:
+    lo, hi = 0.15 * (num_layers - 1), 0.85 * (num_layers - 1)
+    return sorted({int(round(lo + (hi - lo) * i / max(k - 1, 1))) for i in range(k)})
+
+
+def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """P(a positive's score > a negative's), ties count one half (Mann-Whitney U / (n_p n_n))."""
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos.double()[:, None] - neg.double()[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+def filter_answers(records: Sequence[dict], side: str, cfg: ExtractConfig) -> Tuple[List[dict], dict]:
+    """Records kept by the paper's rule, and counts of why the rest were dropped."""
+    kept, why = [], {"no_score": 0, "trait": 0, "incoherent": 0}
+    for r in records:
+        t, c = r.get("trait_score"), r.get("coherence")
+        if t is None or c is None or (isinstance(t, float) and math.isnan(t)):
+            why["no_score"] += 1
+        elif (t < cfg.pos_threshold) if side == "positive" else (t >= cfg.neg_threshold):
+            why["trait"] += 1
+        elif c < cfg.coherence_threshold:
+            why["incoherent"] += 1
+        else:
+            kept.append(r)
+    return kept, why
+
+
+def _jobs(spec: TraitSpec, n: int) -> List[dict]:
+    jobs = []
+    for side, k in (("positive", 0), ("negative", 1)):
+        for p, pair in enumerate(spec.instructions):
+            for s in range(n):
+                for q, question in enumerate(spec.questions):
+                    jobs.append({"id": f"x:{side[:3]}:{p}:{q}:{s}", "split": "extract", "side": side,
+                                 "pair": p, "q": q, "sample": s, "system": pair[k], "question": question})
+        for q, question in enumerate(spec.eval_questions):
+            p = q % len(spec.instructions)
+            jobs.append({"id": f"h:{side[:3]}:{p}:{q}", "split": "heldout", "side": side, "pair": p,
+                         "q": q, "sample": 0, "system": spec.instructions[p][k], "question": question})
+    return jobs
+
+
+def judge_cached(judge, spec: TraitSpec, records: Sequence[dict], cache: JsonlLog, progress: bool,
+                 chunk: int = 64) -> None:
+    """Adds ``trait_score`` and ``coherence`` to each record (in place), judging only the ones
+    not yet in ``cache`` (chunks appended as they finish)."""
+    done = {r["id"]: r for r in cache}
+    todo = [r for r in records if r["id"] not in done]
+    for i in range(0, len(todo), chunk):
+        part = todo[i:i + chunk]
+        qs, ans = [r["question"] for r in part], [r["answer"] for r in part]
+        ts = judge.score(spec, qs, ans, progress=progress)
+        cs = judge.coherence(qs, ans, progress=progress)
+        new = [{"id": r["id"], "trait_score": _num(t), "coherence": _num(c)} for r, t, c in zip(part, ts, cs)]
+        cache.append(new)
+        done.update((n["id"], n) for n in new)
+    for r in records:
+        r["trait_score"], r["coherence"] = done[r["id"]]["trait_score"], done[r["id"]]["coherence"]
+
+
+def _num(x):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 3)
+
+
+def _mean(xs) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return round(sum(xs) / len(xs), 3) if xs else None
+
+
+def _samples(records):
+    return [(r["system"] or "", r["question"], r["answer"]) for r in records]
+
+
+def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Union[str, Path],
+            cfg: Optional[ExtractConfig] = None, progress: bool = True, log=print) -> VectorSet:
+    """Run the pipeline (see the module docstring); returns the VectorSet also saved to
+    ``out_dir/vectors.safetensors``."""
+    cfg = cfg or ExtractConfig()
+    spec = load_spec(trait)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fp = model_fingerprint(model)
+    L = int(fp["num_hidden_layers"])
+    times = {}
+    t0 = time.perf_counter()
+    key = settings_hash(fp, spec.hash, cfg.gen.to_dict(), cfg.n_per_question)
+
+    # 1. generate
+    empty = [j for j in _jobs(spec, cfg.n_per_question)]
+    recs = generate_cached(model, tok, empty, JsonlLog(out / f"answers-{key}.jsonl"), cfg.gen, progress,
+                           desc=f"{spec.name}: answers")
+    records = [r for r in recs.values()]
+    times["generate_s"] = time.perf_counter() - t0
+
+    # 2. judge
+    t1 = time.perf_counter()
+    jkey = settings_hash(key, judge.name)
+    judge_cached(judge, spec, records, JsonlLog(out / f"judged-{jkey}.jsonl"), progress)
+    times["judge_s"] = time.perf_counter() - t1
+
+    # 3. filter
+    def part(split, side):
+        return [r for r in records if r["split"] == split and r["side"] == side and r["answer"]]
+    counts, kept = {}, {}
+    for side in ("positive", "negative"):
+        gen = [r for r in records if r["split"] == "extract" and r["side"] == side]
+        k, why = filter_answers(part("extract", side), side, cfg)
+        why["empty"] = len(gen) - len(part("extract", side))
+        kept[side] = k
+        counts[side] = {"generated": len(gen), "kept": len(k), "dropped": why,
+                        "mean_trait_score": _mean(r["trait_score"] for r in gen),
+                        "mean_coherence": _mean(r["coherence"] for r in gen)}
+    log(f"{spec.name}: kept {counts['positive']['kept']}/{counts['positive']['generated']} positive and "
+        f"{counts['negative']['kept']}/{counts['negative']['generated']} negative answers")
+    for side in ("positive", "negative"):
+        if len(kept[side]) < cfg.min_kept:
+            c = counts[side]
+            raise RuntimeError(
+                f"{spec.name}: only {c['kept']} {side} answers passed the filter (dropped: {c['dropped']}; "
+                f"need {cfg.min_kept}). Sample more (n_per_question), loosen the thresholds, or use "
+                f"another judge. Answers and scores are cached in {out}, so a rerun resumes.")
+
+    # 4. vectors
+    t1 = time.perf_counter()
+    acts = collect_means(model, tok, _samples(kept["positive"] + kept["negative"]), cfg.collect_batch_size,
+                         progress)
+    n_pos = len(kept["positive"])
+    vecs = {k: acts[k][:n_pos].mean(0) - acts[k][n_pos:].mean(0) for k in KINDS}
+    times["collect_s"] = time.perf_counter() - t1
+
+    # 5a. held-out AUROC per layer
+    held = {s: filter_answers(part("heldout", s), s, cfg)[0] for s in ("positive", "negative")}
+    held_rule = "judge-filtered like the training answers"
+    if min(len(v) for v in held.values()) < 3:
+        held = {s: part("heldout", s) for s in ("positive", "negative")}
+        held_rule = "labelled by instruction side (too few passed the judge filter)"
+    hacts = collect_means(model, tok, _samples(held["positive"] + held["negative"]), cfg.collect_batch_size)
+    hp = len(held["positive"])
+    layer_auroc = {}
+    for kind, basis in (("response", "response"), ("last_prompt", "last_prompt")):
+        unit = vecs[kind] / vecs[kind].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        proj = (hacts[basis] * unit).sum(-1)                                  # [N, L]
+        layer_auroc[kind] = [round(auroc(proj[:hp, l], proj[hp:, l]), 4) for l in range(L)]
+
+    report = {
+        "trait": spec.name, "description": spec.description, "spec_hash": spec.hash,
+        "spec_source": spec.source, "model": fp, "judge": judge.name, "config": cfg.to_dict(),
+        "counts": counts, "heldout": {"positive": len(held["positive"]), "negative": len(held["negative"]),
+                                      "rule": held_rule},
+        "layer_auroc": layer_auroc, "norms": [round(float(x), 4) for x in vecs["response"].norm(dim=-1)],
+    }
+
+    # 5b. steering sweep
+    if cfg.sweep:
+        t1 = time.perf_counter()
+        report["sweep"] = steering_sweep(model, tok, spec, vecs["response"], judge, out, cfg, key, progress)
+        times["sweep_s"] = time.perf_counter() - t1
+        layer, alpha, reason = choose_layer(report["sweep"], cfg.coherence_floor)
+    else:
+        best = max(range(L), key=lambda l: layer_auroc["response"][l])
+        layer, alpha, reason = best, None, "no steering sweep: the layer with the best held-out AUROC"
+    report["chosen"] = {"layer": layer, "alpha": alpha, "reason": reason,
+                        "auroc": layer_auroc["response"][layer]}
+    times["total_s"] = time.perf_counter() - t0
+    report["seconds"] = {k: round(v, 1) for k, v in times.items()}
+
+    meta = {"model": fp, "trait_spec": spec.name, "trait_spec_hash": spec.hash, "judge": judge.name,
+            "n_positive": counts["positive"]["kept"], "n_negative": counts["negative"]["kept"],
+            "n_generated": {s: counts[s]["generated"] for s in counts},
+            "thresholds": {"positive": cfg.pos_threshold, "negative": cfg.neg_threshold,
+                           "coherence": cfg.coherence_threshold},
+            "layer": layer, "source": "personakern.extraction.pipeline.extract",
+            "trait_description": spec.description}
+    if alpha is not None:
+        meta["demo_alpha"] = alpha
+    vs = VectorSet()
+    vs.add(PersonaVector(spec.name, vecs["response"], dict(meta, averaged_over="response", report=report)))
+    vs.add(PersonaVector(f"{spec.name}.prompt", vecs["prompt"], dict(meta, averaged_over="prompt")))
+    vs.add(PersonaVector(f"{spec.name}.last_prompt", vecs["last_prompt"],
+                         dict(meta, averaged_over="last_prompt_token")))
+    vs.save(out / "vectors.safetensors")
+    atomic_write_json(out / "report.json", report)
+    from .report import render_png
+    render_png(report, out / "report.png")
+    log(f"{spec.name}: layer {layer} (held-out AUROC {report['chosen']['auroc']}); wrote {out}/vectors.safetensors, "
+        f"report.json, report.png")
+    return vs
+
+
+def steering_sweep(model, tok, spec: TraitSpec, vectors: torch.Tensor, judge, out: Path, cfg: ExtractConfig,
+                   key: str, progress: bool) -> dict:
+    """Judged trait score and coherence of answers to the evaluation questions (no system
+    prompt) with the vector added at one layer, for each layer x alpha; plus the unsteered
+    baseline. Same sampling seed for every cell (common random numbers)."""
+    from ..handle import patch
+
+    L = vectors.shape[0]
+    layers = cfg.sweep_layers or default_sweep_layers(L)
+    bad = [l for l in layers if not 0 <= l < L]
+    if bad:
+        raise ValueError(f"sweep layers {bad} out of range [0, {L - 1}]")
+    questions = list(spec.eval_questions[:cfg.sweep_questions])
+    skey = settings_hash(key, list(map(float, vectors.flatten()[:64].tolist())), float(vectors.norm()))
+    gcache, jcache = JsonlLog(out / f"sweep-{skey}.jsonl"), JsonlLog(out / f"sweep-judged-{settings_hash(skey, judge.name)}.jsonl")
+    cells = [(None, 0.0)] + [(l, float(a)) for l in layers for a in cfg.sweep_alphas]
+    results = {}
+    with patch(model) as h:
+        for layer, alpha in cells:
+            tag = "base" if layer is None else f"{layer}:{alpha:g}"
+            jobs = [{"id": f"s:{tag}:{q}", "layer": layer, "alpha": alpha, "q": q, "system": None,
+                     "question": question} for q, question in enumerate(questions)]
+            h.clear()
+            if layer is not None:
+                h.steer(vectors, alpha, layers=[layer], positions="response", name="sweep")
+            recs = list(generate_cached(model, tok, jobs, gcache, cfg.gen, progress,
+                                        desc=f"{spec.name}: sweep {tag}").values())
+            h.clear()
+            judge_cached(judge, spec, recs, jcache, progress=False)
+            results[tag] = {"trait": _mean(r["trait_score"] for r in recs),
+                            "coherence": _mean(r["coherence"] for r in recs),
+                            "n_scored": sum(r["trait_score"] is not None for r in recs),
+                            "example": recs[0]["answer"][:200]}
+    return {"layers": layers, "alphas": list(map(float, cfg.sweep_alphas)), "questions": len(questions),
+            "positions": "response", "baseline": results["base"],
+            "cells": {k: v for k, v in results.items() if k != "base"}}
+
+
+def choose_layer(sweep: dict, floor: float) -> Tuple[int, Optional[float], str]:
+    """Largest mean trait rise over baseline among cells with coherence >= floor."""
+    base = sweep["baseline"]["trait"] or 0.0
+    best = None
+    for layer in sweep["layers"]:
+        for a in sweep["alphas"]:
+            c = sweep["cells"][f"{layer}:{a:g}"]
+            if c["trait"] is None or c["coherence"] is None or c["coherence"] < floor:
+                continue
+            rise = c["trait"] - base
+            if best is None or rise > best[0]:
+                best = (rise, layer, a)
+    if best is None:
+        cells = [(c["coherence"] or -1, k) for k, c in sweep["cells"].items()]
+        _, k = max(cells)
+        layer, a = k.split(":")
+        return int(layer), float(a), (f"no sweep cell kept coherence >= {floor}; chose the most coherent "
+                                      f"steered cell")
+    return best[1], best[2], (f"largest judged trait rise over the unsteered baseline ({best[0]:+.1f}) "
+                              f"with mean coherence >= {floor}")

@@ -1,0 +1,435 @@
+"""The extraction pipeline: specs, crash-safe caches, resumable generation, batched collection,
+filtering, layer choice, the run on a tiny model, and the CLI around it."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from personakern.extraction import collect, generate, pipeline, spec as S
+from personakern.extraction.draft import draft_spec, http_chat, parse_list
+from personakern.utils import JsonlLog
+from personakern.vectors import load_vectors
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def small_spec(**over) -> dict:
+    d = {"format": S.FORMAT, "name": "testy", "description": "Grumpy and rude.",
+         "instructions": [{"positive": "You are grumpy.", "negative": "You are kind."},
+                          {"positive": "You are a very rude assistant who hates questions.",
+                           "negative": "You are a patient, warm and friendly assistant."}],
+         "questions": ["Hi?", "What is the capital of France?", "Tell me a joke."],
+         "eval_questions": ["How do I cook rice?", "What is two plus two?"],
+         "rubric": "Question: {question}\nAnswer: {answer}\nRate 0-100 how rude the answer is."}
+    d.update(over)
+    return d
+
+
+# ---------------------------------------------------------------- specs
+
+def test_builtin_specs_are_valid_and_complete():
+    names = S.builtin_names()
+    for trait in ("evil", "sycophantic", "hallucinating", "optimistic", "impolite", "apathetic", "humorous"):
+        assert trait in names
+        ts = S.load_spec(trait)
+        assert ts.name == trait and len(ts.instructions) >= 5
+        assert len(ts.questions) >= 20 and len(ts.eval_questions) >= 20
+        assert not set(ts.questions) & set(ts.eval_questions)
+        p = ts.judge_prompt("Q?", "A {weird} answer")
+        assert "Q?" in p and "A {weird} answer" in p and "{question}" not in p
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"instructions": []}, "instructions must be a non-empty list"),
+    ({"instructions": [{"positive": "x"}]}, r"instructions\[0\]"),
+    ({"questions": ["a", "a"]}, "duplicates"),
+    ({"eval_questions": ["Hi?"]}, "must not repeat"),
+    ({"rubric": "no placeholders"}, "rubric must contain"),
+    ({"rubric": "{question} {answer} {extra}"}, "rubric must contain"),
+    ({"rubric": "{question} {answer} {"}, "not a valid template"),
+    ({"name": "bad name!"}, "name must match"),
+    ({"colour": "red"}, "unknown keys"),
+    ({"format": "other/2"}, "format must be"),
+])
+def test_spec_validation_messages(change, message):
+    with pytest.raises(S.TraitSpecError, match=message):
+        S.load_spec(small_spec(**change), strict=False)
+
+
+def test_spec_strict_minimums_and_hash(tmp_path):
+    with pytest.raises(S.TraitSpecError, match="at least 5 instruction pairs") as e:
+        S.load_spec(small_spec())
+    assert "at least 20 questions" in str(e.value) and "at least 20 eval_questions" in str(e.value)
+    a = S.load_spec(small_spec(), strict=False)
+    b = S.load_spec(small_spec(description="Grumpy and rude!"), strict=False)
+    assert a.hash != b.hash and a.hash == S.load_spec(small_spec(), strict=False).hash
+    # save -> load round trip, JSON and YAML
+    path = tmp_path / "t.json"
+    a.save(path)
+    assert S.load_spec(path, strict=False) == a
+    yaml = pytest.importorskip("yaml")
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(small_spec()))
+    assert S.load_spec(tmp_path / "t.yaml", strict=False) == a
+
+
+def test_spec_missing_and_broken_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="built-in traits: .*evil"):
+        S.load_spec("no-such-trait")
+    with pytest.raises(FileNotFoundError):
+        S.load_spec(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(S.TraitSpecError, match="not valid JSON"):
+        S.load_spec(bad)
+
+
+# ---------------------------------------------------------------- crash-safe JSONL
+
+def test_jsonl_log_repairs_torn_tail_and_refuses_damage(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log = JsonlLog(path)
+    log.append([{"id": 1}, {"id": 2}])
+    with open(path, "a") as f:
+        f.write('{"id": 3, "ans')              # a kill in the middle of a write
+    with pytest.warns(UserWarning, match="incomplete last record"):
+        log = JsonlLog(path)
+    assert [r["id"] for r in log] == [1, 2]
+    log.append([{"id": 4}])
+    assert [r["id"] for r in JsonlLog(path)] == [1, 2, 4]
+    path.write_text('{"id": 1}\nGARBAGE\n{"id": 2}\n')
+    with pytest.raises(ValueError, match=r"log.jsonl:2: not a JSON line"):
+        JsonlLog(path)
+
+
+# ---------------------------------------------------------------- tiny model
+
+@pytest.fixture(scope="module")
+def tok():
+    import personakern
+    return personakern.load_model()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tok):
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=4, intermediate_size=64,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                                      max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+SAMPLES = [("You are grumpy.", "Hi?", "Go away."),
+           ("", "What is the capital of France?", "Paris. Look it up yourself next time, it is not hard."),
+           ("You are kind.", "Tell me a joke.", "Why did the chicken cross the road? To get to the other side!"),
+           ("You are a patient, warm and friendly assistant.", "How do I cook rice?", "Rinse, simmer."),
+           ("You are grumpy.", "Tell me a joke.", "No.")]
+
+
+def hand_means(model, tok, samples):
+    """Each sample alone, unpadded, hooks on every block: the three averages by hand."""
+    out = {k: [] for k in collect.KINDS}
+    for system, question, answer in samples:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+        p = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False)["input_ids"]
+        r = tok(answer, add_special_tokens=False)["input_ids"]
+        outs = []
+        hooks = [l.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+                 for l in model.model.layers]
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([p + r]))
+        finally:
+            for h in hooks:
+                h.remove()
+        out["response"].append(torch.stack([o[0, len(p):].mean(0) for o in outs]))
+        out["prompt"].append(torch.stack([o[0, :len(p)].mean(0) for o in outs]))
+        out["last_prompt"].append(torch.stack([o[0, len(p) - 1] for o in outs]))
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def test_collect_means_matches_hand_computation(tiny, tok):
+    expected = hand_means(tiny, tok, SAMPLES)
+    for bs, cap in ((1, 8192), (2, 8192), (16, 8192), (16, 90)):   # cap: token budget splits batches
+        got = collect.collect_means(tiny, tok, SAMPLES, batch_size=bs, max_tokens_per_batch=cap)
+        for k in collect.KINDS:
+            assert got[k].shape == (5, 4, 32) and got[k].dtype == torch.float32
+            torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="empty answer"):
+        collect.collect_means(tiny, tok, [("", "q", "")])
+
+
+def test_collect_one_at_a_time_reference_agrees(tiny, tok):
+    """The throughput baseline computes the same numbers (except the last block, which HF
+    reports after the final norm)."""
+    got = collect.collect_one_at_a_time(tiny, tok, SAMPLES)
+    exp = collect.collect_means(tiny, tok, SAMPLES)["response"]
+    torch.testing.assert_close(got[:, :-1], exp[:, :-1], atol=1e-5, rtol=1e-5)
+
+
+JOBS = [{"id": f"j{i}", "system": "You are grumpy." if i % 2 else None, "question": q}
+        for i, q in enumerate(["Hi?", "Tell me a joke.", "What is two plus two?", "Why?", "Name a colour.",
+                               "Count to three.", "Say hello."])]
+
+
+def test_generate_cached_resumes_to_the_same_answers(tiny, tok, tmp_path, monkeypatch):
+    st = generate.GenSettings(max_new_tokens=6, batch_size=3, seed=5)
+    ref = generate.generate_cached(tiny, tok, JOBS, JsonlLog(tmp_path / "a.jsonl"), st, progress=False)
+    assert list(ref) == [j["id"] for j in JOBS] and all(r["answer"] for r in ref.values())
+    # interrupted after the first batch, plus a torn record from the interrupted second write
+    real, calls = generate.generate_batch, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(generate, "generate_batch", flaky)
+    path = tmp_path / "b.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        generate.generate_cached(tiny, tok, JOBS, JsonlLog(path), st, progress=False)
+    with open(path, "a") as f:
+        f.write('{"id": "j3", "answ')
+    monkeypatch.setattr(generate, "generate_batch", real)
+    with pytest.warns(UserWarning):
+        log = JsonlLog(path)
+    assert len(log.read()) == 3
+    again = generate.generate_cached(tiny, tok, JOBS, log, st, progress=False)
+    assert again == ref and len(JsonlLog(path).read()) == len(JOBS)
+    # nothing left to do: a rerun generates nothing
+    monkeypatch.setattr(generate, "generate_batch", lambda *a, **k: pytest.fail("regenerated"))
+    assert generate.generate_cached(tiny, tok, JOBS, JsonlLog(path), st, progress=False) == ref
+
+
+def test_generate_cached_survives_sigkill(tiny, tok, tmp_path):
+    """A real kill -9 in the middle of a run, then a rerun: same answers as an uninterrupted run."""
+    st = generate.GenSettings(max_new_tokens=6, batch_size=2, seed=3)
+    ref = generate.generate_cached(tiny, tok, JOBS, JsonlLog(tmp_path / "ref.jsonl"), st, progress=False)
+    torch.save(tiny.state_dict(), tmp_path / "w.pt")
+    tiny.config.to_json_file(tmp_path / "config.json")
+    script = textwrap.dedent(f"""
+        import json, time, torch, transformers, personakern
+        from personakern.extraction import generate
+        from personakern.utils import JsonlLog
+        tok = personakern.load_model()[1]
+        cfg = transformers.LlamaConfig.from_json_file({str(tmp_path / 'config.json')!r})
+        m = transformers.LlamaForCausalLM(cfg).eval()
+        m.load_state_dict(torch.load({str(tmp_path / 'w.pt')!r}))
+        real = generate.generate_batch
+        def slow(*a, **k):
+            out = real(*a, **k)
+            print("batch", flush=True)
+            time.sleep(0.5)
+            return out
+        generate.generate_batch = slow
+        jobs = json.loads({json.dumps(JOBS)!r})
+        generate.generate_cached(m, tok, jobs, JsonlLog({str(tmp_path / 'k.jsonl')!r}),
+                                 generate.GenSettings(max_new_tokens=6, batch_size=2, seed=3), progress=False)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline().strip() == b"batch"
+        assert proc.stdout.readline().strip() == b"batch"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    partial = JsonlLog(tmp_path / "k.jsonl").read()
+    assert 2 <= len(partial) < len(JOBS)
+    again = generate.generate_cached(tiny, tok, JOBS, JsonlLog(tmp_path / "k.jsonl"), st, progress=False)
+    assert again == ref
+
+
+# ---------------------------------------------------------------- filter, AUROC, layer choice
+
+def test_filter_answers_rule_and_counts():
+    cfg = pipeline.ExtractConfig(pos_threshold=50, neg_threshold=50, coherence_threshold=50)
+    recs = [{"trait_score": 50, "coherence": 50}, {"trait_score": 49.9, "coherence": 90},
+            {"trait_score": 90, "coherence": 49}, {"trait_score": None, "coherence": 80},
+            {"trait_score": 80, "coherence": None}, {"trait_score": 10, "coherence": 100}]
+    kept, why = pipeline.filter_answers(recs, "positive", cfg)
+    assert kept == [recs[0]] and why == {"no_score": 2, "trait": 2, "incoherent": 1}
+    kept, why = pipeline.filter_answers(recs, "negative", cfg)
+    assert kept == [recs[1], recs[5]] and why == {"no_score": 2, "trait": 2, "incoherent": 0}
+
+
+def test_auroc_hand_values():
+    t = torch.tensor
+    assert pipeline.auroc(t([3., 4.]), t([1., 2.])) == 1.0
+    assert pipeline.auroc(t([1., 2.]), t([3., 4.])) == 0.0
+    assert pipeline.auroc(t([1., 3.]), t([2., 2.])) == 0.5     # 1 win + 1 loss of 4... (2 wins, 2 losses)
+    assert pipeline.auroc(t([2.]), t([2.])) == 0.5
+    assert pipeline.auroc(t([1., 2., 3.]), t([0., 2.5])) == pytest.approx(4 / 6)
+
+
+def test_choose_layer_respects_coherence_floor():
+    sweep = {"layers": [3, 5], "alphas": [2.0, 4.0], "baseline": {"trait": 10.0, "coherence": 90.0},
+             "cells": {"3:2": {"trait": 30.0, "coherence": 80.0}, "3:4": {"trait": 90.0, "coherence": 20.0},
+                       "5:2": {"trait": 40.0, "coherence": 60.0}, "5:4": {"trait": 50.0, "coherence": 40.0}}}
+    assert pipeline.choose_layer(sweep, 50)[:2] == (5, 2.0)
+    assert pipeline.choose_layer(sweep, 10)[:2] == (3, 4.0)
+    assert pipeline.choose_layer(sweep, 95)[:2] == (3, 2.0)    # none coherent enough: most coherent
+    assert pipeline.default_sweep_layers(30) == [4, 8, 12, 17, 21, 25]
+
+
+# ---------------------------------------------------------------- the run, with a stub judge
+
+class LengthJudge:
+    """Deterministic stand-in judge (a test double): trait = a checksum of the answer mod 100,
+    "no score" for one answer in seven (by another checksum)."""
+    name = "test:checksum"
+
+    def score(self, spec, questions, answers, progress=False):
+        import zlib
+        return [None if zlib.adler32(a.encode()) % 7 == 0 else float(zlib.crc32(a.encode()) % 100) for a in answers]
+
+    def coherence(self, questions, answers, progress=False):
+        return [80.0] * len(answers)
+
+
+def test_extract_end_to_end_tiny(tiny, tok, tmp_path):
+    ts = S.load_spec(small_spec(), strict=False)
+    cfg = pipeline.ExtractConfig(n_per_question=2, gen=generate.GenSettings(max_new_tokens=8, batch_size=5),
+                                 min_kept=1, sweep_layers=[1, 2], sweep_alphas=(1.0, 3.0), sweep_questions=2)
+    vs = pipeline.extract(tiny, tok, ts, LengthJudge(), tmp_path / "run", cfg, progress=False, log=lambda s: None)
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"vectors.safetensors", "report.json", "report.png"} <= files
+    loaded = load_vectors(tmp_path / "run" / "vectors.safetensors", model=tiny)
+    assert loaded.traits == ["testy", "testy.prompt", "testy.last_prompt"]
+    meta = loaded["testy"].meta
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert meta["report"] == rep and meta["judge"] == "test:checksum" and meta["trait_spec_hash"] == ts.hash
+    assert meta["averaged_over"] == "response" and loaded["testy.last_prompt"].meta["averaged_over"] == "last_prompt_token"
+    # counts and vectors re-derived independently from the cached answers and scores
+    answers = {r["id"]: r for r in JsonlLog(next((tmp_path / "run").glob("answers-*.jsonl")))}
+    judge = LengthJudge()
+    assert len(answers) == 2 * (2 * 2 * 3 + 2)
+    kept = {}
+    for side in ("positive", "negative"):
+        rs = [r for r in answers.values() if r["split"] == "extract" and r["side"] == side and r["answer"]]
+        sc = judge.score(ts, [], [r["answer"] for r in rs])
+        kept[side] = [r for r, s in zip(rs, sc) if s is not None and ((s >= 50) if side == "positive" else (s < 50))]
+        assert rep["counts"][side]["kept"] == len(kept[side]) and rep["counts"][side]["generated"] == 12
+    pos = hand_means(tiny, tok, [(r["system"], r["question"], r["answer"]) for r in kept["positive"]])
+    neg = hand_means(tiny, tok, [(r["system"], r["question"], r["answer"]) for r in kept["negative"]])
+    for trait, kind in (("testy", "response"), ("testy.prompt", "prompt"), ("testy.last_prompt", "last_prompt")):
+        torch.testing.assert_close(loaded[trait].vectors, pos[kind].mean(0) - neg[kind].mean(0), atol=1e-5, rtol=1e-5)
+    assert len(rep["layer_auroc"]["response"]) == 4 and all(0 <= a <= 1 for a in rep["layer_auroc"]["response"])
+    assert set(rep["sweep"]["cells"]) == {"1:1", "1:3", "2:1", "2:3"}
+    assert rep["chosen"]["layer"] in (1, 2) and meta["layer"] == rep["chosen"]["layer"]
+    # a rerun resumes from the caches: no generation, no judging
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").glob("*.jsonl")}
+    vs2 = pipeline.extract(tiny, tok, ts, LengthJudge(), tmp_path / "run", cfg, progress=False, log=lambda s: None)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").glob("*.jsonl")} == before
+    assert torch.equal(vs2["testy"].vectors, vs["testy"].vectors)
+
+
+def test_extract_refuses_when_filter_leaves_too_few(tiny, tok, tmp_path):
+    class Never(LengthJudge):
+        def score(self, spec, questions, answers, progress=False):
+            return [None] * len(answers)
+    ts = S.load_spec(small_spec(), strict=False)
+    cfg = pipeline.ExtractConfig(gen=generate.GenSettings(max_new_tokens=4, batch_size=8), sweep=False)
+    with pytest.raises(RuntimeError, match=r"only 0 positive answers passed the filter.*no_score"):
+        pipeline.extract(tiny, tok, ts, Never(), tmp_path / "r", cfg, progress=False, log=lambda s: None)
+    assert not (tmp_path / "r" / "vectors.safetensors").exists()
+
+
+# ---------------------------------------------------------------- drafting specs
+
+def test_parse_list():
+    text = "Here are some:\n1. You are rude to everyone.\n2) Be very rude.\n- short\n* You are rude to everyone.\n3. \"Insult the user often.\""
+    assert parse_list(text) == ["You are rude to everyone.", "Be very rude.", "Insult the user often."]
+
+
+def _fake_chat():
+    counter = iter(range(10_000))
+
+    def chat(message):
+        base = next(counter)
+        return "\n".join(f"{i + 1}. Item number {base}-{i} for you" for i in range(7))
+    return chat
+
+
+def test_draft_spec_complete_and_valid():
+    d, problems = draft_spec("grumpy", "Irritable and short with people.", _fake_chat())
+    assert problems == [] and S.load_spec(d).name == "grumpy"
+    assert len(d["instructions"]) == 5 and len(d["questions"]) == 20 and len(d["eval_questions"]) == 20
+
+
+def test_draft_spec_reports_what_is_missing():
+    d, problems = draft_spec("grumpy", "Irritable.", lambda m: "1. Only one item here.", rounds=2)
+    assert any("instructions" in p for p in problems)
+    assert any("questions" in p for p in problems)
+
+
+def test_draft_over_http_endpoint():
+    import http.server
+    import threading
+    seen = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body, self.headers.get("Authorization")))
+            n = len(seen)
+            reply = {"choices": [{"message": {"content": "\n".join(f"{i}. Question {n} number {i} here?" for i in range(1, 25))}}]}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        chat = http_chat(f"http://127.0.0.1:{srv.server_port}/v1", "tiny", api_key="k")
+        d, problems = draft_spec("grumpy", "Irritable.", chat)
+        assert problems == []
+        path, body, auth = seen[0]
+        assert path == "/v1/chat/completions" and body["model"] == "tiny" and auth == "Bearer k"
+        assert "grumpy" in body["messages"][0]["content"]
+    finally:
+        srv.shutdown()
+    with pytest.raises(RuntimeError, match="cannot reach"):
+        http_chat(f"http://127.0.0.1:{srv.server_port}/v1", "tiny", timeout=2)("hi")
+
+
+# ---------------------------------------------------------------- CLI
+
+def run_cli(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "personakern", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def test_cli_traits(tmp_path):
+    r = run_cli("traits", "list")
+    assert r.returncode == 0 and all(t in r.stdout for t in ("evil", "humorous", "sycophantic"))
+    r = run_cli("traits", "show", "impolite", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["name"] == "impolite"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(small_spec()))
+    r = run_cli("traits", "validate", "evil", str(bad))
+    assert r.returncode == 1 and "ok  evil" in r.stdout and "at least 5 instruction pairs" in r.stdout
+    r = run_cli("traits", "new", "grumpy")
+    assert r.returncode == 2 and "--description" in r.stderr
