@@ -326,10 +326,13 @@ def test_extract_end_to_end_tiny(tiny, tok, tmp_path):
         sc = judge.score(ts, [], [r["answer"] for r in rs])
         kept[side] = [r for r, s in zip(rs, sc) if s is not None and ((s >= 50) if side == "positive" else (s < 50))]
         assert rep["counts"][side]["kept"] == len(kept[side]) and rep["counts"][side]["generated"] == 12
-    pos = hand_means(tiny, tok, [(r["system"], r["question"], r["answer"]) for r in kept["positive"]])
-    neg = hand_means(tiny, tok, [(r["system"], r["question"], r["answer"]) for r in kept["negative"]])
-    for trait, kind in (("testy", "response"), ("testy.prompt", "prompt"), ("testy.last_prompt", "last_prompt")):
-        torch.testing.assert_close(loaded[trait].vectors, pos[kind].mean(0) - neg[kind].mean(0), atol=1e-5, rtol=1e-5)
+    # per-answer means were captured during generation (tested against teacher forcing above);
+    # the vectors must be the difference of their averages over exactly the kept answers
+    store = generate.ActStore(next((tmp_path / "run").glob("acts-*")))
+    pos = store.load([r["id"] for r in kept["positive"]])
+    neg = store.load([r["id"] for r in kept["negative"]])
+    for i, trait in enumerate(("testy", "testy.prompt", "testy.last_prompt")):
+        torch.testing.assert_close(loaded[trait].vectors, pos[:, i].mean(0) - neg[:, i].mean(0), atol=1e-6, rtol=1e-6)
     assert len(rep["layer_auroc"]["response"]) == 4 and all(0 <= a <= 1 for a in rep["layer_auroc"]["response"])
     assert set(rep["sweep"]["cells"]) == {"1:1", "1:3", "2:1", "2:3"}
     assert rep["chosen"]["layer"] in (1, 2) and meta["layer"] == rep["chosen"]["layer"]
@@ -433,3 +436,62 @@ def test_cli_traits(tmp_path):
     assert r.returncode == 1 and "ok  evil" in r.stdout and "at least 5 instruction pairs" in r.stdout
     r = run_cli("traits", "new", "grumpy")
     assert r.returncode == 2 and "--description" in r.stderr
+
+
+# ---------------------------------------------------------------- capture during generation
+
+def test_capture_during_generation_matches_teacher_forcing(tiny, tok):
+    from personakern.extraction.capture import GenerationCapture
+    jobs = JOBS[:5]
+    pad = tok.pad_token_id
+    prompts = [generate.chat_ids(tok, j["system"], j["question"]) for j in jobs]
+    ids, mask = generate.left_pad(prompts, pad, "cpu")
+    eos = generate.eos_ids(tiny, tok)
+    limit = 7
+    # make row 1 stop early: force an EOS as its 3rd token through a logits processor
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class ForceEos(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == ids.shape[1] + 2:
+                scores[1] = -1e9
+                scores[1, tok.eos_token_id] = 0
+            return scores
+    with torch.no_grad(), GenerationCapture(tiny, mask, eos, limit) as cap:
+        torch.manual_seed(0)
+        out = tiny.generate(input_ids=ids, attention_mask=mask, max_new_tokens=limit + 1, do_sample=True,
+                            top_k=0, pad_token_id=pad, logits_processor=LogitsProcessorList([ForceEos()]))
+    got = cap.means()
+    assert got.shape == (5, 3, 4, 32)
+    for b, p in enumerate(prompts):
+        row = out[b, ids.shape[1]:ids.shape[1] + limit].tolist()
+        cut = next((k for k, t in enumerate(row) if t in eos), len(row))
+        assert cap.counts[b] == cut and (b != 1 or cut == 2)
+        outs = []
+        hooks = [l.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+                 for l in tiny.model.layers]
+        try:
+            with torch.no_grad():
+                tiny(input_ids=torch.tensor([p + row[:cut]]))
+        finally:
+            for h in hooks:
+                h.remove()
+        n = len(p)
+        exp = torch.stack([torch.stack([o[0, n:].mean(0), o[0, :n].mean(0), o[0, n - 1]]) for o in outs], 1)
+        torch.testing.assert_close(got[b], exp, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_with_capture_same_answers_and_resumable(tiny, tok, tmp_path):
+    st = generate.GenSettings(max_new_tokens=6, batch_size=3, seed=5)
+    plain = generate.generate_cached(tiny, tok, JOBS, JsonlLog(tmp_path / "p.jsonl"), st, progress=False)
+    store = generate.ActStore(tmp_path / "acts")
+    cap = generate.generate_cached(tiny, tok, JOBS, JsonlLog(tmp_path / "c.jsonl"), st, progress=False, acts=store)
+    assert cap == plain
+    a = store.load([j["id"] for j in JOBS])
+    assert a.shape == (len(JOBS), 3, 4, 32) and torch.isfinite(a).all()
+    # activations lost for one batch: that batch is regenerated, identically
+    (tmp_path / "acts" / "b00001.safetensors").unlink()
+    again = generate.generate_cached(tiny, tok, JOBS, JsonlLog(tmp_path / "c.jsonl"), st, progress=False, acts=store)
+    assert again == plain and torch.equal(store.load([j["id"] for j in JOBS]), a)
+    with pytest.raises(KeyError, match="no activations"):
+        store.load(["nope"])

@@ -68,44 +68,103 @@ def _batch_seed(seed: int, b: int) -> int:
 
 
 @torch.no_grad()
-def generate_batch(model, tok, jobs: Sequence[dict], settings: GenSettings, seed: int) -> List[str]:
-    """Answers (decoded, special tokens skipped, stripped) for ``jobs`` in one ``generate``."""
+def generate_batch(model, tok, jobs: Sequence[dict], settings: GenSettings, seed: int,
+                   capture: bool = False):
+    """Answers (decoded, special tokens skipped, stripped) for ``jobs`` in one ``generate``.
+
+    ``capture=True`` also returns ``[B, 3, L, D]`` activation means collected during generation
+    (:class:`~personakern.extraction.capture.GenerationCapture`; one extra decode step feeds
+    the last answer token)."""
     device = next(model.parameters()).device
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids, mask = left_pad([chat_ids(tok, j.get("system"), j["question"]) for j in jobs], pad_id, device)
-    kw = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=pad_id,
+    eos = eos_ids(model, tok)
+    kw = dict(max_new_tokens=settings.max_new_tokens + int(capture), pad_token_id=pad_id,
               repetition_penalty=settings.repetition_penalty)
     if settings.temperature > 0:
         kw.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     else:
         kw.update(do_sample=False)
+    cap = None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, **kw)
-    eos = eos_ids(model, tok)
+        if capture:
+            from .capture import GenerationCapture
+            with GenerationCapture(model, mask, eos, settings.max_new_tokens) as cap:
+                out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        else:
+            out = model.generate(input_ids=ids, attention_mask=mask, **kw)
     answers = []
-    for row in out[:, ids.shape[1]:].tolist():
+    for row in out[:, ids.shape[1]:ids.shape[1] + settings.max_new_tokens].tolist():
         cut = next((k for k, t in enumerate(row) if t in eos), len(row))
         answers.append(tok.decode(row[:cut], skip_special_tokens=True).strip())
-    return answers
+    return (answers, cap.means()) if capture else answers
+
+
+class ActStore:
+    """Per-batch safetensors files ``<dir>/b<index>.safetensors`` mapping answer id ->
+    ``[3, L, D]`` means. Written atomically *before* the batch's JSONL records, so a record in
+    the cache always has its activations on disk."""
+
+    def __init__(self, folder):
+        from pathlib import Path
+        self.dir = Path(folder)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def ids(self) -> set:
+        from safetensors import safe_open
+        out = set()
+        for f in self.dir.glob("b*.safetensors"):
+            with safe_open(str(f), "pt") as sf:
+                out.update(sf.keys())
+        return out
+
+    def write(self, b: int, rows: Dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save
+        from ..utils import atomic_write_bytes
+        atomic_write_bytes(self.dir / f"b{b:05d}.safetensors",
+                           save({k: v.contiguous() for k, v in rows.items()}))
+
+    def load(self, ids: Sequence[str]) -> torch.Tensor:
+        """``[len(ids), 3, L, D]`` in the order of ``ids``."""
+        from safetensors import safe_open
+        want, got = set(ids), {}
+        for f in sorted(self.dir.glob("b*.safetensors")):
+            with safe_open(str(f), "pt") as sf:
+                for k in sf.keys():
+                    if k in want:
+                        got[k] = sf.get_tensor(k)
+        missing = [i for i in ids if i not in got]
+        if missing:
+            raise KeyError(f"{self.dir}: no activations for {missing[:3]} (and {max(0, len(missing) - 3)} more)")
+        return torch.stack([got[i] for i in ids])
 
 
 def generate_cached(model, tok, jobs: Sequence[dict], cache: JsonlLog, settings: GenSettings,
-                    progress: bool = True, desc: str = "generating") -> Dict[str, dict]:
+                    progress: bool = True, desc: str = "generating",
+                    acts: Optional[ActStore] = None) -> Dict[str, dict]:
     """Generate every job not yet in ``cache``; returns ``{id: record}`` for all jobs.
 
     Records are the job dict plus ``"answer"``; whatever steering the model carries applies.
+    With ``acts``, activation means are captured during generation and stored there; a job
+    counts as done only when both its record and its activations exist.
     """
     ids = [j["id"] for j in jobs]
     if len(set(ids)) != len(ids):
         raise ValueError("job ids must be unique")
     done = {r["id"]: r for r in cache if "id" in r}
+    have = acts.ids() if acts is not None else None
+    ok = lambda i: i in done and (have is None or i in have)
     batches = [list(jobs[i:i + settings.batch_size]) for i in range(0, len(jobs), settings.batch_size)]
-    todo = [(b, batch) for b, batch in enumerate(batches) if any(j["id"] not in done for j in batch)]
+    todo = [(b, batch) for b, batch in enumerate(batches) if not all(ok(j["id"]) for j in batch)]
     if todo:
         bar = tqdm(total=sum(len(bt) for _, bt in todo), desc=desc, unit="answer", disable=not progress)
         for b, batch in todo:
-            answers = generate_batch(model, tok, batch, settings, _batch_seed(settings.seed, b))
+            res = generate_batch(model, tok, batch, settings, _batch_seed(settings.seed, b), capture=acts is not None)
+            answers = res[0] if acts is not None else res
+            if acts is not None:
+                acts.write(b, {j["id"]: m for j, m in zip(batch, res[1])})
+                have.update(j["id"] for j in batch)
             new = [dict(j, answer=a) for j, a in zip(batch, answers) if j["id"] not in done]
             cache.append(new)
             done.update((r["id"], r) for r in new)

@@ -10,7 +10,8 @@ Stages (each cached in ``out_dir``, so an interrupted run resumes where it stopp
    trait < ``neg_threshold``, and only answers with coherence >= ``coherence_threshold``
    (answers the judge could not score are dropped and counted).
 4. **vectors**: response / prompt / last-prompt-token means of every block's output for the
-   kept answers; vector = mean(positive) - mean(negative), per layer.
+   kept answers — captured while the answers were generated (no second forward pass, see
+   :mod:`personakern.extraction.capture`); vector = mean(positive) - mean(negative), per layer.
 5. **layers**: per layer, the AUROC of the held-out answers' projections (response means on the
    unit response vector; positive vs negative); a steering sweep over layers and alphas on the
    evaluation questions (no system prompt), each answer judged; the chosen layer is the one with
@@ -33,8 +34,8 @@ import torch
 
 from ..utils import JsonlLog, atomic_write_json
 from ..vectors import PersonaVector, VectorSet, model_fingerprint
-from .collect import KINDS, collect_means
-from .generate import GenSettings, generate_cached, settings_hash
+from .collect import KINDS
+from .generate import ActStore, GenSettings, generate_cached, settings_hash
 from .spec import TraitSpec, load_spec
 
 
@@ -50,7 +51,6 @@ class ExtractConfig:
     sweep_alphas: Tuple[float, ...] = (2.0, 4.0, 6.0, 8.0)
     sweep_questions: int = 20             # first k evaluation questions
     coherence_floor: float = 50.0
-    collect_batch_size: int = 16
     sweep: bool = True
 
     def to_dict(self) -> dict:
@@ -130,10 +130,6 @@ def _mean(xs) -> Optional[float]:
     return round(sum(xs) / len(xs), 3) if xs else None
 
 
-def _samples(records):
-    return [(r["system"] or "", r["question"], r["answer"]) for r in records]
-
-
 def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Union[str, Path],
             cfg: Optional[ExtractConfig] = None, progress: bool = True, log=print) -> VectorSet:
     """Run the pipeline (see the module docstring); returns the VectorSet also saved to
@@ -149,9 +145,9 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
     key = settings_hash(fp, spec.hash, cfg.gen.to_dict(), cfg.n_per_question)
 
     # 1. generate
-    empty = [j for j in _jobs(spec, cfg.n_per_question)]
-    recs = generate_cached(model, tok, empty, JsonlLog(out / f"answers-{key}.jsonl"), cfg.gen, progress,
-                           desc=f"{spec.name}: answers")
+    store = ActStore(out / f"acts-{key}")
+    recs = generate_cached(model, tok, _jobs(spec, cfg.n_per_question), JsonlLog(out / f"answers-{key}.jsonl"),
+                           cfg.gen, progress, desc=f"{spec.name}: answers", acts=store)
     records = [r for r in recs.values()]
     times["generate_s"] = time.perf_counter() - t0
 
@@ -185,10 +181,9 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
 
     # 4. vectors
     t1 = time.perf_counter()
-    acts = collect_means(model, tok, _samples(kept["positive"] + kept["negative"]), cfg.collect_batch_size,
-                         progress)
+    acts = store.load([r["id"] for r in kept["positive"] + kept["negative"]])     # [N, 3, L, D]
     n_pos = len(kept["positive"])
-    vecs = {k: acts[k][:n_pos].mean(0) - acts[k][n_pos:].mean(0) for k in KINDS}
+    vecs = {k: acts[:n_pos, i].mean(0) - acts[n_pos:, i].mean(0) for i, k in enumerate(KINDS)}
     times["collect_s"] = time.perf_counter() - t1
 
     # 5a. held-out AUROC per layer
@@ -197,7 +192,8 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
     if min(len(v) for v in held.values()) < 3:
         held = {s: part("heldout", s) for s in ("positive", "negative")}
         held_rule = "labelled by instruction side (too few passed the judge filter)"
-    hacts = collect_means(model, tok, _samples(held["positive"] + held["negative"]), cfg.collect_batch_size)
+    hacts = store.load([r["id"] for r in held["positive"] + held["negative"]])
+    hacts = {k: hacts[:, i] for i, k in enumerate(KINDS)}
     hp = len(held["positive"])
     layer_auroc = {}
     for kind, basis in (("response", "response"), ("last_prompt", "last_prompt")):
