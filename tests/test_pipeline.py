@@ -495,3 +495,23 @@ def test_generate_with_capture_same_answers_and_resumable(tiny, tok, tmp_path):
     assert again == plain and torch.equal(store.load([j["id"] for j in JOBS]), a)
     with pytest.raises(KeyError, match="no activations"):
         store.load(["nope"])
+
+
+def test_cli_vectors_export_import_round_trip(tmp_path):
+    """Shipped vector -> llama.cpp GGUF -> back; and -> reference .pt -> back (SmolLM2 checks)."""
+    src = REPO / "personakern" / "data" / "vectors" / "smollm2-evil.safetensors"
+    orig = load_vectors(src)["evil"].vectors
+    r = run_cli("vectors", "export", str(src), str(tmp_path / "evil.gguf"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("vectors", "import", str(tmp_path / "evil.gguf"), str(tmp_path / "back.safetensors"))
+    assert r.returncode == 0, r.stderr
+    back = load_vectors(tmp_path / "back.safetensors")["evil"].vectors
+    assert torch.equal(back[1:], orig[1:]) and not back[0].any()       # llama.cpp has no block 0
+    r = run_cli("vectors", "export", str(src), str(tmp_path / "evil.pt"), "--no-model")
+    assert r.returncode == 0, r.stderr
+    raw = torch.load(tmp_path / "evil.pt", weights_only=True)
+    assert raw.shape == (31, 576) and torch.equal(raw[1:], orig) and not raw[0].any()
+    r = run_cli("vectors", "import", str(tmp_path / "evil.pt"), str(tmp_path / "back2.safetensors"))
+    assert r.returncode == 0 and torch.equal(load_vectors(tmp_path / "back2.safetensors")["evil"].vectors, orig)
+    r = run_cli("vectors", "export", str(src), str(tmp_path / "x.bin"), "--no-model")
+    assert r.returncode == 2 and "export format" in r.stderr

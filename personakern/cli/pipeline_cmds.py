@@ -121,11 +121,16 @@ def cmd_vectors(args):
     from personakern import interop
     from personakern.vectors import VectorSet, load_vectors
     model = None
-    if args.check_model:
+    if not args.no_model:
         from .main import _load
         model, _ = _load(args)
     if args.action == "import":
-        pv = interop.import_vector(args.src, model=model, trait=args.trait, format=args.format)
+        kw = {"num_layers": args.num_layers} if args.num_layers and model is None else {}
+        fmt = (args.format or "").lower()
+        if fmt in ("gguf", "repeng", "llama.cpp") or (not fmt and str(args.src).endswith(".gguf")):
+            pv = interop.import_gguf(args.src, model=model, trait=args.trait, **kw)
+        else:
+            pv = interop.import_vector(args.src, model=model, trait=args.trait, format=args.format)
         vs = pv if isinstance(pv, VectorSet) else VectorSet([pv])
         vs.save(args.dst)
         print(f"wrote {args.dst}: traits {vs.traits}")
@@ -138,7 +143,8 @@ def cmd_vectors(args):
         dst = Path(args.dst)
         fmt = args.format or {".gguf": "gguf", ".pt": "reference", ".pth": "reference"}.get(dst.suffix)
         if fmt == "gguf":
-            interop.export_gguf(vs[trait], dst, layers=args.layers, scale=args.scale)
+            interop.export_gguf(vs[trait], dst, layers=args.layers or None, scale=args.scale,
+                                model_hint=args.model_hint)
         elif fmt == "reference":
             interop.export_reference_pt(vs[trait], dst)
         else:
@@ -202,7 +208,9 @@ def register(sub) -> None:
     v.add_argument("--format", default=None, help="gguf | reference | safetensors (default: by extension)")
     v.add_argument("--layers", type=int, nargs="*", default=None, help="export: blocks to include (GGUF)")
     v.add_argument("--scale", type=float, default=1.0, help="export: multiply the vectors (GGUF)")
-    v.add_argument("--check-model", action="store_true", help="load --model and check the vectors fit it")
-    v.add_argument("--model", default="smollm2")
+    v.add_argument("--model", default="smollm2", help="the model the vectors are checked against (default smollm2)")
+    v.add_argument("--no-model", action="store_true", help="do not load a model (GGUF import: give --num-layers)")
+    v.add_argument("--num-layers", type=int, default=None, help="import without a model: layers of the target model")
+    v.add_argument("--model-hint", default=None, help="GGUF export: model_type when the vectors' metadata lacks it")
     v.add_argument("--backend", default=None)
     v.set_defaults(func=cmd_vectors)
