@@ -1,8 +1,8 @@
 """pytest-benchmark: activation collection on SmolLM2, batched (personakern) vs one answer at a
 time with ``output_hidden_states`` (the reference implementation's loop), same 48 answers.
 
-``python benchmarks/test_bench_collect.py`` runs interleaved rounds instead and writes
-``benchmarks/results/cpu/collect.json`` (answers/s of both and their ratio).
+``python benchmarks/test_bench_collect.py`` runs interleaved rounds instead, adds the
+pipeline's capture during generation, and writes ``benchmarks/results/cpu/collect.json``.
 """
 from __future__ import annotations
 
@@ -49,12 +49,55 @@ def test_collect(benchmark, smollm2, way):
     benchmark.pedantic(fn, rounds=3, iterations=1)
 
 
+def capture_comparison(model, tok, n=48, rounds=5, max_new_tokens=64, batch_size=16) -> dict:
+    """The pipeline's way (means captured during generation) against the reference way (generate,
+    then one teacher-forced forward per answer) and a batched teacher-forced pass, on the same
+    answers. Rounds interleave: generate, generate+capture, one-at-a-time, batched. The cost of
+    capture is the median paired difference of the two generation times."""
+    import statistics
+    import time
+    from personakern.extraction import generate
+    spec = load_spec("evil")
+    jobs = [{"id": str(i), "system": spec.instructions[i % 5][i % 2], "question": spec.questions[i % 20]}
+            for i in range(n)]
+    st = generate.GenSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=0)
+    batches = [jobs[i:i + batch_size] for i in range(0, n, batch_size)]
+
+    def gen(capture):
+        outs = [generate.generate_batch(model, tok, b, st, k, capture=capture) for k, b in enumerate(batches)]
+        return [a for o in outs for a in (o[0] if capture else o)]
+    answers = gen(False)
+    samples = [(j["system"], j["question"], a or ".") for j, a in zip(jobs, answers)]
+    t = {"generate": [], "generate+capture": [], "one_at_a_time": [], "batched_teacher_forced": []}
+    for _ in range(rounds):
+        for name, fn in (("generate", lambda: gen(False)), ("generate+capture", lambda: gen(True)),
+                         ("one_at_a_time", lambda: collect.collect_one_at_a_time(model, tok, samples)),
+                         ("batched_teacher_forced", lambda: collect.collect_means(model, tok, samples, batch_size))):
+            t0 = time.perf_counter()
+            fn()
+            t[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in t.items()}
+    overhead = statistics.median([c - g for c, g in zip(t["generate+capture"], t["generate"])])
+    return {"answers": n, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "rounds": rounds,
+            "seconds": t, "median_s": med, "capture_overhead_s": overhead,
+            "capture_overhead_pct_of_generation": 100 * overhead / med["generate"],
+            "answers_per_s": {"one_at_a_time": n / med["one_at_a_time"],
+                              "batched_teacher_forced": n / med["batched_teacher_forced"],
+                              "captured_during_generation": (n / overhead) if overhead > 0 else float("inf")},
+            "speedup_vs_one_at_a_time": {"batched_teacher_forced": med["one_at_a_time"] / med["batched_teacher_forced"],
+                                         "captured_during_generation": (med["one_at_a_time"] / overhead)
+                                         if overhead > 0 else float("inf")}}
+
+
 if __name__ == "__main__":
     import torch
     model, tok = personakern.load_model()
-    res = collect.throughput(model, tok, answers(), batch_size=16, rounds=int(sys.argv[1]) if len(sys.argv) > 1 else 5)
+    res = capture_comparison(model, tok, rounds=int(sys.argv[1]) if len(sys.argv) > 1 else 5)
     res.update(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.processor() or platform.machine())
     out = Path(__file__).parent / "results" / "cpu" / "collect.json"
     out.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"batched {res['batched_answers_per_s']:.2f} answers/s, one at a time "
-          f"{res['one_at_a_time_answers_per_s']:.2f} answers/s: {res['speedup']:.2f}x  -> {out}")
+    a, s = res["answers_per_s"], res["speedup_vs_one_at_a_time"]
+    print(f"one at a time {a['one_at_a_time']:.2f} answers/s; batched teacher-forced {a['batched_teacher_forced']:.2f} "
+          f"({s['batched_teacher_forced']:.2f}x); captured during generation: overhead "
+          f"{res['capture_overhead_s']:.2f} s = {res['capture_overhead_pct_of_generation']:.1f}% of generation "
+          f"({s['captured_during_generation']:.1f}x)  -> {out}")

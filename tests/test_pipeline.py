@@ -515,3 +515,38 @@ def test_cli_vectors_export_import_round_trip(tmp_path):
     assert r.returncode == 0 and torch.equal(load_vectors(tmp_path / "back2.safetensors")["evil"].vectors, orig)
     r = run_cli("vectors", "export", str(src), str(tmp_path / "x.bin"), "--no-model")
     assert r.returncode == 2 and "export format" in r.stderr
+
+
+@pytest.mark.slow
+def test_extract_on_smollm2_end_to_end(tmp_path):
+    """`personakern extract` on the real model with the default judge, small n, then `report`."""
+    out = tmp_path / "run"
+    args = ["extract", "--trait", "evil", "--questions", "4", "--max-new-tokens", "24", "--sweep-layers", "8",
+            "12", "--sweep-alphas", "6", "--sweep-questions", "4", "--min-kept", "2", "--out", str(out), "--quiet"]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "chosen: layer" in r.stdout and "held-out AUROC" in r.stdout
+    vs = load_vectors(out / "vectors.safetensors")
+    assert vs.traits == ["evil", "evil.prompt", "evil.last_prompt"]
+    meta = vs["evil"].meta
+    rep = meta["report"]
+    assert meta["model"]["name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["model"]["num_hidden_layers"] == 30
+    assert meta["trait_spec_hash"] == rep["spec_hash"] and len(meta["trait_spec_hash"]) == 16
+    assert meta["judge"] == rep["judge"] and meta["judge"]
+    assert rep["counts"]["positive"]["generated"] == rep["counts"]["negative"]["generated"] == 20
+    assert 2 <= meta["n_positive"] <= 20 and 2 <= meta["n_negative"] <= 20
+    assert len(rep["layer_auroc"]["response"]) == 30 and rep["sweep"]["layers"] == [8, 12]
+    assert meta["layer"] in (8, 12) and rep["chosen"]["layer"] == meta["layer"]
+    assert vs["evil"].vectors.shape == (30, 576) and torch.isfinite(vs["evil"].vectors).all()
+    assert {"report.json", "report.png"} <= {p.name for p in out.iterdir()}
+    # a rerun resumes: nothing regenerated (answers file unchanged), same vectors
+    answers = next(out.glob("answers-*.jsonl")).read_bytes()
+    r = run_cli(*args)
+    assert r.returncode == 0 and next(out.glob("answers-*.jsonl")).read_bytes() == answers
+    assert torch.equal(load_vectors(out / "vectors.safetensors")["evil"].vectors, vs["evil"].vectors)
+    r = run_cli("report", str(out / "vectors.safetensors"), "--json", str(tmp_path / "rep.json"),
+                "--png", str(tmp_path / "rep.png"))
+    assert r.returncode == 0 and "trait evil" in r.stdout and (tmp_path / "rep.png").stat().st_size > 1000
+    rerun = load_vectors(out / "vectors.safetensors")["evil"].meta["report"]
+    assert json.loads((tmp_path / "rep.json").read_text())["reports"][0] == rerun
+    assert rerun["counts"] == rep["counts"] and rerun["layer_auroc"] == rep["layer_auroc"]

@@ -86,6 +86,10 @@ def cmd_extract(args):
     from .main import _load
 
     spec = load_spec(args.trait)  # fail on a bad spec before loading anything
+    if args.questions:
+        import dataclasses
+        spec = dataclasses.replace(spec, questions=spec.questions[:args.questions],
+                                   eval_questions=spec.eval_questions[:args.questions])
     model, tok = _load(args)
     judge = make_judge(args.judge, model=model, tokenizer=tok, **_judge_kw(args))
     cfg = ExtractConfig(
@@ -178,6 +182,8 @@ def register(sub) -> None:
     e.add_argument("--judge-model", default=None, help="http judge: model name")
     e.add_argument("--out", default=None, help="run folder (default personakern-runs/TRAIT-MODEL); reruns resume")
     e.add_argument("--n", type=int, default=1, help="answers per (instruction pair, question) and side")
+    e.add_argument("--questions", type=int, default=None,
+                   help="use only the first K extraction and K evaluation questions (a quick run)")
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--temperature", type=float, default=0.8)
     e.add_argument("--batch-size", type=int, default=32)
