@@ -6,30 +6,37 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, List, Union
+from typing import Callable, Iterable, Iterator, List, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write to a temp file beside ``path``, fsync, then rename over it: an existing file is
-    either untouched or fully replaced, never half written."""
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a temp file beside ``path``; it is fsynced and renamed over ``path``.
+    An existing file is either untouched (any exception) or fully replaced, never half written;
+    its permission bits are kept."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
+        mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644  # mkstemp makes 0600
         os.chmod(tmp, mode)
         os.replace(tmp, path)
         tmp = None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, write)
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +32,8 @@ from typing import Iterable, Iterator, Optional, Union
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _st_save_bytes
+
+from .utils import atomic_write_bytes
 
 FORMAT_NAME = "personakern.vectors"
 FORMAT_VERSION = "1"
@@ -260,24 +261,10 @@ class VectorSet(Mapping):
             tensors[TENSOR_PREFIX + trait] = pv.vectors
         data = _st_save_bytes(tensors, metadata=metadata)
 
-        folder = os.path.dirname(os.path.abspath(path))
-        tmp = None
         try:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            # mkstemp makes 0600 files; keep the old file's mode, else a normal one.
-            mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-            tmp = None
+            atomic_write_bytes(path, data)
         except OSError as e:
             raise VectorFileError(f"{path}: cannot write vector file: {e}") from e
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
 
     # ---- loading
 

@@ -91,7 +91,6 @@ class GenerationCapture:
 
     def means(self) -> torch.Tensor:
         """``[B, 3, L, D]``: response mean (zeros for an empty answer), prompt mean, last prompt token."""
-        L = len(self.layers)
         pp = torch.stack(self.prompt_parts, dim=2)                      # [B, 2, L, D]
         if self.response_sum[0] is None:
             resp = torch.zeros_like(pp[:, 0])

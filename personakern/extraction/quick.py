@@ -9,7 +9,6 @@ Layer convention: row ``l`` of a vector is for the output of decoder block ``l``
 """
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..patching import find_decoder
 from ..vectors import PersonaVector, VectorFileError, model_fingerprint
+from .generate import eos_ids, left_pad
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_TRAIT = "evil"
@@ -54,22 +54,6 @@ def _answer_ids(tok, answer: str) -> list:
     return tok(answer, add_special_tokens=False)["input_ids"]
 
 
-def _left_pad(seqs: Sequence[list], pad_id: int, device) -> tuple:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _eos_ids(model, tok) -> set:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    return set(eos) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
-
-
 @torch.no_grad()
 def generate_contrastive(model, tok, trait_spec: Union[str, dict] = DEFAULT_TRAIT, n_per_question: int = 1,
                          max_new_tokens: int = 48, batch_size: int = 16, seed: int = 0, progress: bool = True,
@@ -83,7 +67,7 @@ def generate_contrastive(model, tok, trait_spec: Union[str, dict] = DEFAULT_TRAI
     spec = load_trait(trait_spec)
     device = next(model.parameters()).device
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eos = _eos_ids(model, tok)
+    eos = eos_ids(model, tok)
     sides = []
     for side in ("positive", "negative"):
         prompts = spec[side]
@@ -93,7 +77,7 @@ def generate_contrastive(model, tok, trait_spec: Union[str, dict] = DEFAULT_TRAI
         for b, start in enumerate(tqdm(range(0, len(jobs), batch_size), desc=f"{spec['trait']} {side}",
                                        disable=not progress, unit="batch")):
             batch = jobs[start:start + batch_size]
-            ids, mask = _left_pad([_prompt_ids(tok, s, q) for s, q in batch], pad_id, device)
+            ids, mask = left_pad([_prompt_ids(tok, s, q) for s, q in batch], pad_id, device)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed * 1_000_003 + b * 2 + (side == "negative"))
                 gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
@@ -126,7 +110,7 @@ def response_mean_activations(model, tok, samples: Sequence[Sample], batch_size:
                 raise ValueError(f"empty answer for question {q!r}: no response tokens to average")
             seqs.append(p + r)
             plens.append(len(p))
-        ids, mask = _left_pad(seqs, pad_id, device)
+        ids, mask = left_pad(seqs, pad_id, device)
         width = ids.shape[1]
         cols = torch.arange(width, device=device)
         first = torch.tensor([width - len(x) + n for x, n in zip(seqs, plens)], device=device)

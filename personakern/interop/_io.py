@@ -1,10 +1,9 @@
 """Shared helpers of the interop modules: atomic writes and model facts."""
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Callable, Optional
 
+from personakern.utils import atomic_write as _atomic_write
 from personakern.vectors import VectorFileError, model_fingerprint
 
 
@@ -15,24 +14,10 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     ``path`` is left untouched; on success ``path`` is fully replaced in one ``os.replace``.
     OSErrors become VectorFileError naming ``path``; other exceptions propagate unchanged.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        os.close(fd)
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp makes 0600 files; keep the old file's mode, else a normal one.
-        mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        tmp = None
+        _atomic_write(path, write)
     except OSError as e:
         raise VectorFileError(f"{path}: cannot write file: {e}") from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

@@ -8,7 +8,6 @@ GGUF control vectors (see :mod:`personakern.interop.gguf`).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
