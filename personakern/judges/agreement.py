@@ -9,6 +9,8 @@ reports per trait and overall (pooled over traits):
 * ``auroc``: how well the judge's score separates human >= 50 from human < 50
   (P(score of a positive > score of a negative), ties 1/2),
 * ``macro_auroc`` (overall only): the mean of the per-trait AUROCs,
+* ``accuracy_at_50``: how often judge and human fall on the same side of 50 (the extraction
+  pipeline's filter threshold),
 * ``no_score``: the fraction of answers the judge returned None for (the correlations and
   AUROCs are over the scored answers; ``n`` says how many),
 * ``seconds_per_item``,
@@ -90,10 +92,11 @@ def metrics(pred: Sequence[Optional[float]], human: Sequence[float], threshold: 
     p = [float(pred[i]) for i in keep]
     h = [float(human[i]) for i in keep]
     rnd = lambda v: None if v is None else round(v, 4)
+    acc = sum((a >= threshold) == (b >= threshold) for a, b in zip(p, h)) / len(p) if p else None
     return {"n": len(pred), "n_scored": len(keep),
             "no_score": round(1 - len(keep) / len(pred), 4) if pred else None,
             "spearman": rnd(spearman(p, h)), "auroc": rnd(auroc(p, [v >= threshold for v in h])),
-            "mean_score": rnd(sum(p) / len(p)) if p else None}
+            "accuracy_at_50": rnd(acc), "mean_score": rnd(sum(p) / len(p)) if p else None}
 
 
 # ---------------------------------------------------------------------------------------------

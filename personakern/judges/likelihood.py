@@ -12,8 +12,14 @@ Trait score
     scores above 50. The zero point (equally likely under both) is not fitted.
 
     Caveat: on answers that the *same* model generated under those very instructions this is
-    circular (an answer sampled under ``p_i`` is likely under ``p_i`` whatever its content), so
-    it is most useful for answers from elsewhere (datasets, other models, a steered model).
+    partly circular (an answer sampled under ``p_i`` is likely under ``p_i`` whatever its
+    content): on the calibration answers the margin separates positive- from negative-instruction
+    answers with AUROC 0.86, and part of that is this effect, not trait content.
+
+    Measured on the labelled set (human-written answers; agreement.json): it ranks well within a
+    trait (AUROC 0.63-1.00, mean 0.83) but its zero point is off for text that is not the
+    model's own: the mean score is 65 (evil 78, impolite 84, apathetic 83, hallucinating 39), so
+    only 60 % of answers fall on the same side of 50 as the human score.
 
 Coherence
     ``lp`` under a neutral system prompt (:data:`NEUTRAL_SYSTEM`) and the fraction ``r`` of
