@@ -333,6 +333,17 @@ def test_extract_end_to_end_tiny(tiny, tok, tmp_path):
     for i, trait in enumerate(("testy", "testy.prompt", "testy.last_prompt")):
         torch.testing.assert_close(loaded[trait].vectors, pos[:, i].mean(0) - neg[:, i].mean(0), atol=1e-6, rtol=1e-6)
     assert len(rep["layer_auroc"]["response"]) == 4 and all(0 <= a <= 1 for a in rep["layer_auroc"]["response"])
+    # held-out: 2 answers per side, fewer than HELDOUT_MIN pass any filter -> labelled by side;
+    # the AUROC per layer recomputed by hand from the stored held-out means
+    assert rep["heldout"]["positive"] == rep["heldout"]["negative"] == 2
+    assert rep["heldout"]["rule"].startswith("labelled by instruction side")
+    hp = store.load([i for i, r in answers.items() if r["split"] == "heldout" and r["side"] == "positive"])[:, 0]
+    hn = store.load([i for i, r in answers.items() if r["split"] == "heldout" and r["side"] == "negative"])[:, 0]
+    for layer in range(4):
+        v = loaded["testy"].vectors[layer]
+        sp, sn = (hp[:, layer] @ v).tolist(), (hn[:, layer] @ v).tolist()
+        hand = sum((a > b) + 0.5 * (a == b) for a in sp for b in sn) / (len(sp) * len(sn))
+        assert rep["layer_auroc"]["response"][layer] == pytest.approx(hand, abs=1e-3)
     assert set(rep["sweep"]["cells"]) == {"1:1", "1:3", "2:1", "2:3"}
     assert rep["chosen"]["layer"] in (1, 2) and meta["layer"] == rep["chosen"]["layer"]
     # a rerun resumes from the caches: no generation, no judging

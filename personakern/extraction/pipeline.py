@@ -39,6 +39,12 @@ from .generate import ActStore, GenSettings, generate_cached, settings_hash
 from .spec import TraitSpec, load_spec
 
 
+# The held-out AUROC uses judge-filtered answers when at least this many per side pass the
+# filter; otherwise all held-out answers, labelled by the side of their instruction (an AUROC
+# over a handful of answers is noise).
+HELDOUT_MIN = 10
+
+
 @dataclass
 class ExtractConfig:
     n_per_question: int = 1               # samples per (instruction pair, extraction question)
@@ -189,9 +195,9 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
     # 5a. held-out AUROC per layer
     held = {s: filter_answers(part("heldout", s), s, cfg)[0] for s in ("positive", "negative")}
     held_rule = "judge-filtered like the training answers"
-    if min(len(v) for v in held.values()) < 3:
+    if min(len(v) for v in held.values()) < HELDOUT_MIN:
         held = {s: part("heldout", s) for s in ("positive", "negative")}
-        held_rule = "labelled by instruction side (too few passed the judge filter)"
+        held_rule = f"labelled by instruction side (fewer than {HELDOUT_MIN} per side passed the judge filter)"
     hacts = store.load([r["id"] for r in held["positive"] + held["negative"]])
     hacts = {k: hacts[:, i] for i, k in enumerate(KINDS)}
     hp = len(held["positive"])
