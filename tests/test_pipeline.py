@@ -327,18 +327,25 @@ def test_extract_end_to_end_tiny(tiny, tok, tmp_path):
         assert rep["counts"][side]["kept"] == len(kept[side]) and rep["counts"][side]["generated"] == 12
     # per-answer means were captured during generation (tested against teacher forcing above);
     # the vectors must be the difference of their averages over exactly the kept answers
-    store = generate.ActStore(next((tmp_path / "run").glob("acts-*")))
+    store = generate.ActStore(next(p for p in (tmp_path / "run").glob("acts-*") if not p.name.startswith("acts-heldout-")))
     pos = store.load([r["id"] for r in kept["positive"]])
     neg = store.load([r["id"] for r in kept["negative"]])
     for i, trait in enumerate(("testy", "testy.prompt", "testy.last_prompt")):
         torch.testing.assert_close(loaded[trait].vectors, pos[:, i].mean(0) - neg[:, i].mean(0), atol=1e-6, rtol=1e-6)
     assert len(rep["layer_auroc"]["response"]) == 4 and all(0 <= a <= 1 for a in rep["layer_auroc"]["response"])
-    # held-out: 2 answers per side, fewer than HELDOUT_MIN pass any filter -> labelled by side;
-    # the AUROC per layer recomputed by hand from the stored held-out means
-    assert rep["heldout"]["positive"] == rep["heldout"]["negative"] == 2
+    # held-out: 2 evaluation questions x 2 instruction pairs (heldout_pairs=3, but the spec has 2)
+    # per side, the second pair's answers in their own cache; fewer than HELDOUT_MIN per side ->
+    # labelled by side; the AUROC per layer recomputed by hand from the stored held-out means
+    assert rep["heldout"]["positive"] == rep["heldout"]["negative"] == 4
     assert rep["heldout"]["rule"].startswith("labelled by instruction side")
-    hp = store.load([i for i, r in answers.items() if r["split"] == "heldout" and r["side"] == "positive"])[:, 0]
-    hn = store.load([i for i, r in answers.items() if r["split"] == "heldout" and r["side"] == "negative"])[:, 0]
+    extra = {r["id"]: r for r in JsonlLog(next((tmp_path / "run").glob("heldout-*.jsonl")))}
+    assert len(extra) == 4 and not set(extra) & set(answers)
+    extra_store = generate.ActStore(next((tmp_path / "run").glob("acts-heldout-*")))
+
+    def held(side):
+        return torch.cat([store.load([i for i, r in answers.items() if r["split"] == "heldout" and r["side"] == side]),
+                          extra_store.load([i for i, r in extra.items() if r["side"] == side])])[:, 0]
+    hp, hn = held("positive"), held("negative")
     for layer in range(4):
         v = loaded["testy"].vectors[layer]
         sp, sn = (hp[:, layer] @ v).tolist(), (hn[:, layer] @ v).tolist()

@@ -4,7 +4,9 @@ Stages (each cached in ``out_dir``, so an interrupted run resumes where it stopp
 
 1. **generate**: every extraction question under every positive and every negative system
    prompt of the spec, ``n_per_question`` samples each (batched, sampled); the evaluation
-   questions once per side (held-out set, instruction pair chosen round-robin).
+   questions under ``heldout_pairs`` instruction pairs per side (held-out set; the first pair
+   chosen round-robin and cached with the extraction answers, the others in a cache of their
+   own).
 2. **judge**: trait score and coherence of every answer (a pluggable :mod:`personakern.judges`).
 3. **filter**: keep positive answers with trait >= ``pos_threshold``, negative answers with
    trait < ``neg_threshold``, and only answers with coherence >= ``coherence_threshold``
@@ -13,7 +15,8 @@ Stages (each cached in ``out_dir``, so an interrupted run resumes where it stopp
    kept answers — captured while the answers were generated (no second forward pass, see
    :mod:`personakern.extraction.capture`); vector = mean(positive) - mean(negative), per layer.
 5. **layers**: per layer, the AUROC of the held-out answers' projections (response means on the
-   unit response vector; positive vs negative); a steering sweep over layers and alphas on the
+   unit response vector; positive vs negative: judge-filtered like the training answers when at
+   least :data:`HELDOUT_MIN` per side pass, else labelled by instruction side); a steering sweep over layers and alphas on the
    evaluation questions (no system prompt), each answer judged; the chosen layer is the one with
    the largest rise of the mean trait score over the unsteered baseline while mean coherence
    stays >= ``coherence_floor``.
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -56,6 +59,8 @@ class ExtractConfig:
     sweep_layers: Optional[List[int]] = None   # default: 6 layers spread over 15-85% of depth
     sweep_alphas: Tuple[float, ...] = (2.0, 4.0, 6.0, 8.0)
     sweep_questions: int = 20             # first k evaluation questions
+    heldout_pairs: int = 3                # held-out answers per (evaluation question, side): one per
+                                          # instruction pair, up to this many pairs
     coherence_floor: float = 50.0
     sweep: bool = True
 
@@ -109,6 +114,21 @@ def _jobs(spec: TraitSpec, n: int) -> List[dict]:
     return jobs
 
 
+def _heldout_extra(spec: TraitSpec, pairs: int) -> List[dict]:
+    """Held-out jobs beyond the one per (evaluation question, side) of :func:`_jobs`: the next
+    instruction pairs in turn, ``pairs`` in all per question and side. They live in their own
+    cache, so raising ``heldout_pairs`` never invalidates a run's answers."""
+    P = len(spec.instructions)
+    jobs = []
+    for side, k in (("positive", 0), ("negative", 1)):
+        for q, question in enumerate(spec.eval_questions):
+            for extra in range(1, min(pairs, P)):
+                p = (q + extra) % P
+                jobs.append({"id": f"h:{side[:3]}:{p}:{q}", "split": "heldout", "side": side, "pair": p,
+                             "q": q, "sample": 0, "system": spec.instructions[p][k], "question": question})
+    return jobs
+
+
 def judge_cached(judge, spec: TraitSpec, records: Sequence[dict], cache: JsonlLog, progress: bool,
                  chunk: int = 64) -> None:
     """Adds ``trait_score`` and ``coherence`` to each record (in place), judging only the ones
@@ -154,8 +174,31 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
     store = ActStore(out / f"acts-{key}")
     recs = generate_cached(model, tok, _jobs(spec, cfg.n_per_question), JsonlLog(out / f"answers-{key}.jsonl"),
                            cfg.gen, progress, desc=f"{spec.name}: answers", acts=store)
+    stores = {r: store for r in recs}
+    extra = _heldout_extra(spec, cfg.heldout_pairs)
+    if extra:
+        hkey = settings_hash(key, "heldout-extra", cfg.heldout_pairs)
+        hstore = ActStore(out / f"acts-heldout-{hkey}")
+        hgen = replace(cfg.gen, seed=cfg.gen.seed + 1)  # other batch seeds than the main cache's
+        hrecs = generate_cached(model, tok, extra, JsonlLog(out / f"heldout-{hkey}.jsonl"), hgen, progress,
+                                desc=f"{spec.name}: more held-out answers", acts=hstore)
+        recs.update(hrecs)
+        stores.update((r, hstore) for r in hrecs)
     records = [r for r in recs.values()]
     times["generate_s"] = time.perf_counter() - t0
+
+    def load_acts(ids):
+        """[N, 3, L, D] activation means of ``ids``, from whichever store holds each."""
+        groups = {}
+        for i, rid in enumerate(ids):
+            groups.setdefault(id(stores[rid]), (stores[rid], []))[1].append((i, rid))
+        out_t = None
+        for st, items in groups.values():
+            a = st.load([rid for _, rid in items])
+            if out_t is None:
+                out_t = a.new_empty((len(ids),) + tuple(a.shape[1:]))
+            out_t[torch.tensor([i for i, _ in items])] = a
+        return out_t
 
     # 2. judge
     t1 = time.perf_counter()
@@ -198,7 +241,7 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
     if min(len(v) for v in held.values()) < HELDOUT_MIN:
         held = {s: part("heldout", s) for s in ("positive", "negative")}
         held_rule = f"labelled by instruction side (fewer than {HELDOUT_MIN} per side passed the judge filter)"
-    hacts = store.load([r["id"] for r in held["positive"] + held["negative"]])
+    hacts = load_acts([r["id"] for r in held["positive"] + held["negative"]])
     hacts = {k: hacts[:, i] for i, k in enumerate(KINDS)}
     hp = len(held["positive"])
     layer_auroc = {}
