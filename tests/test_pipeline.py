@@ -567,3 +567,22 @@ def test_extract_on_smollm2_end_to_end(tmp_path):
     rerun = load_vectors(out / "vectors.safetensors")["evil"].meta["report"]
     assert json.loads((tmp_path / "rep.json").read_text())["reports"][0] == rerun
     assert rerun["counts"] == rep["counts"] and rerun["layer_auroc"] == rep["layer_auroc"]
+
+
+def test_shipped_trait_vectors_file():
+    """The combined file of the seven extracted traits: one response vector per built-in spec,
+    each carrying the report it was chosen by, for the model it claims."""
+    from personakern.vectors import VectorSet
+    path = REPO / "personakern" / "data" / "vectors" / "smollm2-traits.safetensors"
+    vs = VectorSet.load(path)
+    assert vs.traits == ["evil", "sycophantic", "hallucinating", "optimistic", "impolite", "apathetic", "humorous"]
+    assert set(vs.traits) == set(S.builtin_names())
+    for t in vs.traits:
+        pv, rep = vs[t], vs[t].meta["report"]
+        assert torch.isfinite(pv.vectors).all() and pv.vectors.shape == (30, 576)
+        spec = S.load_spec(t)  # the runs used the first 12 questions, so the spec hash differs
+        assert rep["trait"] == t and rep["description"] == spec.description
+        assert rep["counts"]["positive"]["generated"] == 12 * len(spec.instructions)
+        assert pv.meta["layer"] == rep["chosen"]["layer"] and pv.meta["averaged_over"] == "response"
+        assert rep["model"]["name_or_path"].endswith("SmolLM2-135M-Instruct")
+        torch.testing.assert_close(pv.vectors.norm(dim=-1), torch.tensor(rep["norms"]), atol=1e-3, rtol=1e-3)

@@ -119,10 +119,10 @@ def report_files(paths: Sequence, out_png: Optional[str] = None, out_json: Optio
     cos = cosine_table(merged)
     if cos:
         w = max(len(t) for t in cos["traits"])
-        parts.append(f"cosine similarity at layer {cos['layer']} (response vectors):")
-        parts.append(" " * (w + 2) + " ".join(f"{t[:6]:>6}" for t in cos["traits"]))
-        for t, row in zip(cos["traits"], cos["at_layer"]):
-            parts.append(f"  {t:<{w}} " + " ".join(f"{x:6.2f}" for x in row))
+        rows = [f"cosine similarity at layer {cos['layer']} (response vectors):",
+                " " * (w + 2) + " ".join(f"{t[:6]:>6}" for t in cos["traits"])]
+        rows += [f"  {t:<{w}} " + " ".join(f"{x:6.2f}" for x in row) for t, row in zip(cos["traits"], cos["at_layer"])]
+        parts.append("\n".join(rows))
     if out_png:
         stem = Path(out_png)
         for r in reps:
