@@ -52,6 +52,22 @@ def tiny_model(family: str, seed: int = 0, layers: int = 3) -> torch.nn.Module:
     return model
 
 
+def tiny_llama_for(tok, layers: int, seed: int = 0) -> torch.nn.Module:
+    """A tiny random Llama that speaks ``tok``'s vocabulary (for tests that generate or
+    tokenize chat text with the real SmolLM2 tokenizer); norm weights perturbed as above."""
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=layers, intermediate_size=64,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                                      max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
     return request.param

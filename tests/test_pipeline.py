@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
+from conftest import tiny_llama_for
 
 from personakern.extraction import collect, generate, pipeline, spec as S
 from personakern.extraction.draft import draft_spec, http_chat, parse_list
@@ -120,17 +120,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def tiny(tok):
-    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=4, intermediate_size=64,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                                      max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-                                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return tiny_llama_for(tok, layers=4)
 
 
 SAMPLES = [("You are grumpy.", "Hi?", "Go away."),

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-import transformers
+from conftest import tiny_llama_for
 
 from personakern.extraction import quick
 from personakern.vectors import PersonaVector
@@ -41,17 +41,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def tiny(tok):
-    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=3, intermediate_size=64,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                                      max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-                                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # non-trivial norm weights, so a wrong read-out point cannot hide
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return tiny_llama_for(tok, layers=3)
 
 
 def hand_activations(model, tok, samples):
