@@ -35,6 +35,24 @@ def _vector(args, model, tok):
         return PersonaVector.load(args.vector, model=model, trait=getattr(args, "trait", None))
 
 
+def _monitored(args, model):
+    """``--traits``: the traits of the ``--vector`` file to monitor (``all`` = every one)."""
+    names = getattr(args, "traits", None)
+    if not names:
+        return None
+    from personakern import VectorSet
+    if getattr(args, "vector", None) in (None, "default"):
+        raise SystemExit("personakern: --traits needs --vector FILE holding those traits")
+    with step(f"loading {args.vector}"):
+        vs = VectorSet.load(args.vector, model=model)
+    if names == ["all"]:
+        return vs
+    missing = [t for t in names if t not in vs]
+    if missing:
+        raise SystemExit(f"personakern: {args.vector} has no trait {missing[0]!r}; it has {', '.join(vs.traits)}")
+    return VectorSet([vs[t] for t in names])
+
+
 def _encode(tok, prompts, system=None):
     texts = []
     for p in prompts:
@@ -117,13 +135,20 @@ def cmd_monitor(args):
     import personakern
     from .render import use_color
     model, tok = _load(args)
+    monitored = _monitored(args, model)
+    if monitored is not None and not getattr(args, "trait", None):
+        args.trait = monitored.traits[0]
     pv = _vector(args, model, tok)
     layer = args.layer if args.layer is not None else int(pv.meta.get("layer", pv.num_layers // 2))
+    if monitored is None:
+        monitored = personakern.VectorSet([pv])
+    elif pv.trait not in monitored:
+        monitored.add(pv)
     batch = _encode(tok, args.prompt, args.system)
     with personakern.patch(model, backend=args.backend) as handle:
         if args.alpha:
             handle.steer(pv, args.alpha, layers=layer, positions="response")
-        handle.monitor(pv, layers="all")
+        handle.monitor(monitored, layers="all")
         with step("generating"):
             out = _generate(model, tok, batch, args.max_new_tokens)
         answers = _answers(tok, out, batch["input_ids"].shape[1])
@@ -132,6 +157,19 @@ def cmd_monitor(args):
         for row, (prompt, text) in enumerate(zip(args.prompt, answers)):
             print(f"\n> {prompt}\n{text}")
             _print_projection(tok, readings, out, row, pv.trait, layer, color)
+        if args.png:
+            from pathlib import Path
+            from personakern.monitoring import plot_traces
+            layers = args.plot_layers or sorted({int(monitored[t].meta.get("layer", layer)) for t in monitored.traits} | {layer})
+            for row, prompt in enumerate(args.prompt):
+                start = int(readings.prompt_lengths[row])
+                ids = out[row, start:readings.values.shape[1]].tolist()
+                target = Path(args.png) if len(args.prompt) == 1 else \
+                    Path(args.png).with_name(f"{Path(args.png).stem}-{row}{Path(args.png).suffix or '.png'}")
+                plot_traces(readings, target, row=row, layers=layers, tokens=[tok.decode([i]) for i in ids],
+                            title=f"{prompt[:70]}" + (f"  (steered: {pv.trait} x {args.alpha:g} at block {layer})"
+                                                     if args.alpha else ""))
+                print(f"traces of {', '.join(readings.traits)} at blocks {layers} written to {target}")
         if args.save:
             readings.save(args.save)
             print(f"\nreadings of all layers saved to {args.save}")
@@ -208,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--alpha", type=float, default=0.0, help="also steer at the displayed layer")
     m.add_argument("--system", default=None)
     m.add_argument("--save", default=None, help="write all readings to this .safetensors file")
+    m.add_argument("--traits", nargs="+", default=None,
+                   help="monitor these traits of the --vector file too ('all' = every one)")
+    m.add_argument("--png", default=None, help="plot the per-token traces of every monitored trait here")
+    m.add_argument("--plot-layers", type=int, nargs="+", default=None,
+                   help="blocks to plot (default: each trait's chosen block and the displayed one)")
     m.add_argument("--no-color", action="store_true")
     m.set_defaults(func=cmd_monitor)
 
