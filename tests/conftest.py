@@ -43,8 +43,12 @@ def tiny_model(family: str, seed: int = 0, layers: int = 3) -> torch.nn.Module:
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
-    # Random init leaves norm weights at exactly 1 (or 0 for Gemma): perturb them so a wrong
-    # norm formula cannot hide.
+    return _perturb_norms(model)
+
+
+def _perturb_norms(model):
+    """Random init leaves norm weights at exactly 1 (or 0 for Gemma): perturb them so a wrong
+    norm formula cannot hide."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -54,18 +58,13 @@ def tiny_model(family: str, seed: int = 0, layers: int = 3) -> torch.nn.Module:
 
 def tiny_llama_for(tok, layers: int, seed: int = 0) -> torch.nn.Module:
     """A tiny random Llama that speaks ``tok``'s vocabulary (for tests that generate or
-    tokenize chat text with the real SmolLM2 tokenizer); norm weights perturbed as above."""
+    tokenize chat text with the real SmolLM2 tokenizer); norm weights perturbed."""
     config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=layers, intermediate_size=64,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
                                       max_position_embeddings=512, pad_token_id=tok.pad_token_id,
                                       eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return _perturb_norms(transformers.LlamaForCausalLM(config).eval())
 
 
 @pytest.fixture(params=sorted(FAMILIES))

@@ -73,12 +73,16 @@ def _answers(tok, out, prompt_width):
     return [tok.decode(row[prompt_width:], skip_special_tokens=True).strip() for row in out]
 
 
+def _answer_tokens(tok, r, out, row):
+    """The answer tokens of ``row`` that have readings (all but the last generated one)."""
+    start = int(r.prompt_lengths[row])
+    return start, [tok.decode([i]) for i in out[row, start:r.values.shape[1]].tolist()]
+
+
 def _print_projection(tok, r, out, row, trait, layer, color):
     from .render import legend, shade_tokens, sparkline
-    start = int(r.prompt_lengths[row])
-    ids = out[row, start:r.values.shape[1]].tolist()
-    vals = r.get(trait, layer)[row, start:start + len(ids)].tolist()
-    tokens = [tok.decode([i]) for i in ids]
+    start, tokens = _answer_tokens(tok, r, out, row)
+    vals = r.get(trait, layer)[row, start:start + len(tokens)].tolist()
     base = float(r.last_prompt_token()[row, r.layers.index(layer), r.traits.index(trait)])
     mean = sum(vals) / max(len(vals), 1)
     print(f"\nper-token projection on '{trait}' at layer {layer} (last prompt token {base:+.2f}, "
@@ -138,7 +142,7 @@ def cmd_monitor(args):
     monitored = _monitored(args, model)
     if monitored is not None and not getattr(args, "trait", None):
         args.trait = monitored.traits[0]
-    pv = _vector(args, model, tok)
+    pv = monitored[args.trait] if monitored is not None and args.trait in monitored else _vector(args, model, tok)
     layer = args.layer if args.layer is not None else int(pv.meta.get("layer", pv.num_layers // 2))
     if monitored is None:
         monitored = personakern.VectorSet([pv])
@@ -162,11 +166,9 @@ def cmd_monitor(args):
             from personakern.monitoring import plot_traces
             layers = args.plot_layers or sorted({int(monitored[t].meta.get("layer", layer)) for t in monitored.traits} | {layer})
             for row, prompt in enumerate(args.prompt):
-                start = int(readings.prompt_lengths[row])
-                ids = out[row, start:readings.values.shape[1]].tolist()
                 target = Path(args.png) if len(args.prompt) == 1 else \
                     Path(args.png).with_name(f"{Path(args.png).stem}-{row}{Path(args.png).suffix or '.png'}")
-                plot_traces(readings, target, row=row, layers=layers, tokens=[tok.decode([i]) for i in ids],
+                plot_traces(readings, target, row=row, layers=layers, tokens=_answer_tokens(tok, readings, out, row)[1],
                             title=f"{prompt[:70]}" + (f"  (steered: {pv.trait} x {args.alpha:g} at block {layer})"
                                                      if args.alpha else ""))
                 print(f"traces of {', '.join(readings.traits)} at blocks {layers} written to {target}")

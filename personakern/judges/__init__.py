@@ -89,15 +89,13 @@ def make_judge(kind="default", model=None, tokenizer=None, **kw) -> Judge:
         if set(parts) != {"trait", "coherence"}:
             raise ValueError(f"judge {kind!r}: expected 'trait=KIND;coherence=KIND' with kinds from "
                              f"{', '.join(KINDS[1:])}")
-        made = {}
-        for role, k in parts.items():
-            if k not in KINDS[1:]:
-                raise ValueError(f"unknown judge kind {k!r} for {role}; kinds: {', '.join(KINDS[1:])}")
-            made[k] = made.get(k) or _make(k, model, tokenizer, kw, strict=False)
-            made[role] = made[k]
-        if parts["trait"] == parts["coherence"]:
-            return made["trait"]
-        return CombinedJudge(made["trait"], made["coherence"])
+        for role in ("trait", "coherence"):
+            if parts[role] not in KINDS[1:]:
+                raise ValueError(f"unknown judge kind {parts[role]!r} for {role}; kinds: {', '.join(KINDS[1:])}")
+        trait = _make(parts["trait"], model, tokenizer, kw, strict=False)
+        if parts["coherence"] == parts["trait"]:
+            return trait
+        return CombinedJudge(trait, _make(parts["coherence"], model, tokenizer, kw, strict=False))
     if kind != "default":
         return _make(kind, model, tokenizer, kw)
     if (model is None) != (tokenizer is None):

@@ -35,11 +35,7 @@ def plot_traces(readings: Readings, path, row: int = 0, traits: Optional[Sequenc
 
     traits = list(traits or readings.traits)
     layers = list(layers if layers is not None else readings.layers)
-    for t in traits:
-        readings._trait_index(t)                            # KeyError naming what was monitored
-    for layer in layers:
-        readings._layer_index(layer)
-    series = trace_series(readings, row, traits, layers)
+    series = trace_series(readings, row, traits, layers)  # KeyError naming what was monitored, before any file
     fig, axes = plt.subplots(len(traits), 1, figsize=(10, 2.4 * len(traits) + 0.6), squeeze=False, sharex=True)
     for ax, t in zip(axes[:, 0], traits):
         for layer in layers:
