@@ -10,8 +10,10 @@ from .patching import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 from .readings import Readings
 from .vectors import PersonaVector, VectorFileError, VectorSet, load_vectors
 from .models import load_model
+from .training import PreventativeSteering, PreventativeSteeringCallback, preventative_steering
 
 __all__ = [
     "patch", "PersonaHandle", "Readings", "PersonaVector", "VectorSet", "VectorFileError",
-    "load_vectors", "load_model", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "__version__",
+    "load_vectors", "load_model", "preventative_steering", "PreventativeSteering",
+    "PreventativeSteeringCallback", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "__version__",
 ]
