@@ -76,6 +76,17 @@ class Readings:
                                 "projection": float(self.values[b, t, i, m]), "prompt": is_prompt})
         return out
 
+    def to_dataframe(self):
+        """:meth:`to_records` as a ``pandas.DataFrame`` (columns row, position, layer, trait,
+        projection, prompt). Needs pandas, which personakern does not depend on."""
+        try:
+            import pandas
+        except ImportError as e:
+            raise ImportError("Readings.to_dataframe() needs pandas (pip install pandas); "
+                              "Readings.to_records() gives the same rows as dicts") from e
+        return pandas.DataFrame(self.to_records(),
+                                columns=["row", "position", "layer", "trait", "projection", "prompt"])
+
     def save(self, path: str) -> None:
         from safetensors.torch import save_file
         save_file({"values": self.values.contiguous(), "valid": self.valid.to(torch.uint8).contiguous(),

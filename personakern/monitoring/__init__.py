@@ -1,5 +1,7 @@
 """Monitoring you can see: plots of per-token projections (the terminal shading lives in
-``personakern.cli.render``)."""
+``personakern.cli.render``), and the statistic of the paper's monitoring experiment
+(:func:`correlate`: last-prompt-token projection vs judged trait score)."""
+from .correlate import correlate, fisher_ci, pearson
 from .plot import plot_traces, trace_series
 
-__all__ = ["plot_traces", "trace_series"]
+__all__ = ["plot_traces", "trace_series", "correlate", "pearson", "fisher_ci"]
