@@ -78,6 +78,10 @@ def _slug(s: str) -> str:
 
 
 def cmd_extract(args):
+    """Under ``torchrun``/``accelerate launch`` every rank runs this with the model on its own
+    device and a share of the work (see :mod:`personakern.extraction.pipeline`); rank 0 prints
+    the report, the others exit 0 once it is written."""
+    from personakern import distributed
     from personakern.extraction.generate import GenSettings
     from personakern.extraction.pipeline import ExtractConfig, extract
     from personakern.extraction.report import render_text
@@ -90,7 +94,10 @@ def cmd_extract(args):
         import dataclasses
         spec = dataclasses.replace(spec, questions=spec.questions[:args.questions],
                                    eval_questions=spec.eval_questions[:args.questions])
+    launched = distributed.init()
     model, tok = _load(args)
+    if launched:
+        model.to(distributed.local_device())
     judge = make_judge(args.judge, model=model, tokenizer=tok, **_judge_kw(args))
     cfg = ExtractConfig(
         n_per_question=args.n, gen=GenSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -102,7 +109,9 @@ def cmd_extract(args):
     out = Path(args.out or f"personakern-runs/{spec.name}-{_slug(args.model)}")
     vs = extract(model, tok, spec, judge, out, cfg, progress=not args.quiet,
                  log=lambda s: print(s, file=sys.stderr))
-    print(render_text(vs[spec.name].meta["report"]))
+    if vs is not None:  # rank 0
+        print(render_text(vs[spec.name].meta["report"]))
+    distributed.finish()
     return 0
 
 
@@ -189,7 +198,9 @@ def register(sub) -> None:
     e.add_argument("--judge-model", default=None, help="http judge: model name; llm/likelihood judge: a local model to judge with "
                         "(default: the extracted model)")
     e.add_argument("--out", default=None, help="run folder (default personakern-runs/TRAIT-MODEL); reruns resume")
-    e.add_argument("--n", type=int, default=1, help="answers per (instruction pair, question) and side")
+    e.add_argument("--n", "--samples", dest="n", type=int, default=1,
+                   help="answers per (instruction pair, question) and side (under torchrun write --samples: "
+                        "torchrun reads --n as an abbreviation of its own options)")
     e.add_argument("--questions", type=int, default=None,
                    help="use only the first K extraction and K evaluation questions (a quick run)")
     e.add_argument("--max-new-tokens", type=int, default=64)

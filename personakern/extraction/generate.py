@@ -8,17 +8,25 @@ how often the run was interrupted. Each finished batch is appended to a JSONL ca
 all there and regenerates the rest (a partly written batch regenerates identically and only
 its missing records are added). A kill at any moment therefore never corrupts the cache and a
 resumed run gives the same answers as an uninterrupted one (same machine and versions).
+
+Several processes (``torchrun`` / ``accelerate launch``, see :mod:`personakern.distributed`):
+with ``shard=True`` rank ``r`` of ``W`` generates batches ``b`` with ``b % W == r`` — the seed
+still comes from ``b``, so the answers are those of a one-process run — and appends them to a
+:class:`RankedLog`, a cache with one file per rank that is read as the union of all of them.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..utils import JsonlLog
 
 
@@ -140,14 +148,69 @@ class ActStore:
         return torch.stack([got[i] for i in ids])
 
 
+class RankedLog:
+    """A JSONL cache that several processes fill at once without sharing a file.
+
+    Rank 0 (and a run without a launcher) appends to ``path`` itself, rank ``r > 0`` to
+    ``<stem>.rank<r>.jsonl`` beside it; reading yields the records of all of them, so a run on
+    any number of processes resumes from what any earlier run cached. Only the own file is
+    repaired on open (:class:`~personakern.utils.JsonlLog`); another rank's file may be in the
+    middle of an append, so its unterminated or unparsable last line is skipped, not cut.
+    """
+
+    def __init__(self, path, rank: Optional[int] = None):
+        self.path = Path(path)
+        r = distributed.rank() if rank is None else rank
+        self.own = JsonlLog(self.path if r == 0 else self._rank_path(r))
+
+    def _rank_path(self, r: int) -> Path:
+        return self.path.with_name(f"{self.path.stem}.rank{r}{self.path.suffix}")
+
+    def files(self) -> List[Path]:
+        pat = re.compile(re.escape(self.path.stem) + r"\.rank(\d+)" + re.escape(self.path.suffix) + "$")
+        ranked = sorted((int(m.group(1)), f) for f in self.path.parent.iterdir() if (m := pat.match(f.name)))
+        return ([self.path] if self.path.exists() else []) + [f for _, f in ranked]
+
+    def __iter__(self) -> Iterator[dict]:
+        for f in self.files():
+            if f == self.own.path:
+                yield from self.own
+            else:
+                yield from _complete_lines(f)
+
+    def read(self) -> List[dict]:
+        return list(self)
+
+    def append(self, records) -> None:
+        self.own.append(records)
+
+
+def _complete_lines(path: Path) -> Iterator[dict]:
+    lines = path.read_bytes().split(b"\n")   # the last piece is b"" or a line still being written
+    for i, line in enumerate(lines[:-1]):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except ValueError:
+            if i == len(lines) - 2:          # a torn last record its writer has not repaired yet
+                return
+            raise ValueError(f"{path}:{i + 1}: not a JSON line (the cache is damaged; delete it to "
+                             f"start over)") from None
+
+
 def generate_cached(model, tok, jobs: Sequence[dict], cache: JsonlLog, settings: GenSettings,
                     progress: bool = True, desc: str = "generating",
-                    acts: Optional[ActStore] = None) -> Dict[str, dict]:
+                    acts: Optional[ActStore] = None, shard: bool = False) -> Dict[str, dict]:
     """Generate every job not yet in ``cache``; returns ``{id: record}`` for all jobs.
 
     Records are the job dict plus ``"answer"``; whatever steering the model carries applies.
     With ``acts``, activation means are captured during generation and stored there; a job
     counts as done only when both its record and its activations exist.
+
+    ``shard=True`` under a launcher: this rank generates only batches ``b % world == rank`` and
+    every rank returns all records (gathered; a collective call, so every rank must make it).
+    Then ``cache`` should be a :class:`RankedLog` and ``acts`` a folder all ranks see.
     """
     ids = [j["id"] for j in jobs]
     if len(set(ids)) != len(ids):
@@ -156,7 +219,8 @@ def generate_cached(model, tok, jobs: Sequence[dict], cache: JsonlLog, settings:
     have = acts.ids() if acts is not None else None
     ok = lambda i: i in done and (have is None or i in have)
     batches = [list(jobs[i:i + settings.batch_size]) for i in range(0, len(jobs), settings.batch_size)]
-    todo = [(b, batch) for b, batch in enumerate(batches) if not all(ok(j["id"]) for j in batch)]
+    mine = distributed.my_indices(len(batches)) if shard else range(len(batches))
+    todo = [(b, batches[b]) for b in mine if not all(ok(j["id"]) for j in batches[b])]
     if todo:
         bar = tqdm(total=sum(len(bt) for _, bt in todo), desc=desc, unit="answer", disable=not progress)
         for b, batch in todo:
@@ -170,4 +234,7 @@ def generate_cached(model, tok, jobs: Sequence[dict], cache: JsonlLog, settings:
             done.update((r["id"], r) for r in new)
             bar.update(len(batch))
         bar.close()
+    if shard:  # each batch's records as its owner has them
+        for part in distributed.gather({j["id"]: done[j["id"]] for b in mine for j in batches[b]}):
+            done.update(part)
     return {i: done[i] for i in ids}

@@ -24,6 +24,14 @@ Stages (each cached in ``out_dir``, so an interrupted run resumes where it stopp
 Outputs: ``vectors.safetensors`` (traits ``<name>`` = response average, ``<name>.prompt``,
 ``<name>.last_prompt``; metadata holds counts, judge, spec hash, chosen layer and the whole
 report), ``report.json`` and ``report.png``.
+
+Under a launcher (``torchrun`` / ``accelerate launch``; :mod:`personakern.distributed`) every
+rank runs :func:`extract` with its own copy of the model: generation batches, judge chunks and
+steering-sweep cells go round robin to the ranks, each unit with the seed of its index, so the
+results equal a one-process run's; each rank appends to caches of its own
+(:class:`~personakern.extraction.generate.RankedLog`; activations are one file per batch).
+Rank 0 computes the vectors, AUROC and layer choice and writes the outputs; ``out_dir`` must be
+a folder every rank sees (one machine, or a shared file system).
 """
 from __future__ import annotations
 
@@ -35,10 +43,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..utils import JsonlLog, atomic_write_json
+from .. import distributed
+from ..utils import atomic_write_json
 from ..vectors import PersonaVector, VectorSet, model_fingerprint
 from .collect import KINDS
-from .generate import ActStore, GenSettings, generate_cached, settings_hash
+from .generate import ActStore, GenSettings, RankedLog, generate_cached, settings_hash
 from .spec import TraitSpec, load_spec
 
 
@@ -129,20 +138,30 @@ def _heldout_extra(spec: TraitSpec, pairs: int) -> List[dict]:
     return jobs
 
 
-def judge_cached(judge, spec: TraitSpec, records: Sequence[dict], cache: JsonlLog, progress: bool,
-                 chunk: int = 64) -> None:
+def judge_cached(judge, spec: TraitSpec, records: Sequence[dict], cache, progress: bool,
+                 chunk: int = 64, shard: bool = False) -> None:
     """Adds ``trait_score`` and ``coherence`` to each record (in place), judging only the ones
-    not yet in ``cache`` (chunks appended as they finish)."""
+    not yet in ``cache`` (a JsonlLog or RankedLog; chunks appended as they finish).
+
+    ``shard=True`` under a launcher (a collective call): chunk ``c`` of the records left to
+    judge goes to rank ``c % world`` — the same chunks a one-process run judges, so a judge
+    that batches gets the same batches — and every rank ends with every score."""
     done = {r["id"]: r for r in cache}
     todo = [r for r in records if r["id"] not in done]
-    for i in range(0, len(todo), chunk):
-        part = todo[i:i + chunk]
+    chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
+    if shard:
+        distributed.barrier()  # every rank has read the cache (and so agrees on the chunks) before any appends
+        chunks = distributed.shard(chunks)
+    new_all = {}
+    for part in chunks:
         qs, ans = [r["question"] for r in part], [r["answer"] for r in part]
         ts = judge.score(spec, qs, ans, progress=progress)
         cs = judge.coherence(qs, ans, progress=progress)
         new = [{"id": r["id"], "trait_score": _num(t), "coherence": _num(c)} for r, t, c in zip(part, ts, cs)]
         cache.append(new)
-        done.update((n["id"], n) for n in new)
+        new_all.update((n["id"], n) for n in new)
+    for got in distributed.gather(new_all) if shard else [new_all]:
+        done.update(got)
     for r in records:
         r["trait_score"], r["coherence"] = done[r["id"]]["trait_score"], done[r["id"]]["coherence"]
 
@@ -157,10 +176,14 @@ def _mean(xs) -> Optional[float]:
 
 
 def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Union[str, Path],
-            cfg: Optional[ExtractConfig] = None, progress: bool = True, log=print) -> VectorSet:
+            cfg: Optional[ExtractConfig] = None, progress: bool = True, log=print) -> Optional[VectorSet]:
     """Run the pipeline (see the module docstring); returns the VectorSet also saved to
-    ``out_dir/vectors.safetensors``."""
+    ``out_dir/vectors.safetensors`` — on rank 0; other ranks of a launched run return None
+    once rank 0 has written the outputs."""
     cfg = cfg or ExtractConfig()
+    main = distributed.is_main()
+    if not main:
+        progress, log = False, (lambda s: None)
     spec = load_spec(trait)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,16 +195,16 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
 
     # 1. generate
     store = ActStore(out / f"acts-{key}")
-    recs = generate_cached(model, tok, _jobs(spec, cfg.n_per_question), JsonlLog(out / f"answers-{key}.jsonl"),
-                           cfg.gen, progress, desc=f"{spec.name}: answers", acts=store)
+    recs = generate_cached(model, tok, _jobs(spec, cfg.n_per_question), RankedLog(out / f"answers-{key}.jsonl"),
+                           cfg.gen, progress, desc=f"{spec.name}: answers", acts=store, shard=True)
     stores = {r: store for r in recs}
     extra = _heldout_extra(spec, cfg.heldout_pairs)
     if extra:
         hkey = settings_hash(key, "heldout-extra", cfg.heldout_pairs)
         hstore = ActStore(out / f"acts-heldout-{hkey}")
         hgen = replace(cfg.gen, seed=cfg.gen.seed + 1)  # other batch seeds than the main cache's
-        hrecs = generate_cached(model, tok, extra, JsonlLog(out / f"heldout-{hkey}.jsonl"), hgen, progress,
-                                desc=f"{spec.name}: more held-out answers", acts=hstore)
+        hrecs = generate_cached(model, tok, extra, RankedLog(out / f"heldout-{hkey}.jsonl"), hgen, progress,
+                                desc=f"{spec.name}: more held-out answers", acts=hstore, shard=True)
         recs.update(hrecs)
         stores.update((r, hstore) for r in hrecs)
     records = [r for r in recs.values()]
@@ -203,7 +226,7 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
     # 2. judge
     t1 = time.perf_counter()
     jkey = settings_hash(key, judge.name)
-    judge_cached(judge, spec, records, JsonlLog(out / f"judged-{jkey}.jsonl"), progress)
+    judge_cached(judge, spec, records, RankedLog(out / f"judged-{jkey}.jsonl"), progress, shard=True)
     times["judge_s"] = time.perf_counter() - t1
 
     # 3. filter
@@ -228,12 +251,25 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
                 f"need {cfg.min_kept}). Sample more (n_per_question), loosen the thresholds, or use "
                 f"another judge. Answers and scores are cached in {out}, so a rerun resumes.")
 
-    # 4. vectors
+    # 4. vectors, on rank 0; every rank steers with them in the sweep, so they are broadcast
     t1 = time.perf_counter()
-    acts = store.load([r["id"] for r in kept["positive"] + kept["negative"]])     # [N, 3, L, D]
-    n_pos = len(kept["positive"])
-    vecs = {k: acts[:n_pos, i].mean(0) - acts[n_pos:, i].mean(0) for i, k in enumerate(KINDS)}
+    vecs = None
+    if main:
+        acts = store.load([r["id"] for r in kept["positive"] + kept["negative"]])     # [N, 3, L, D]
+        n_pos = len(kept["positive"])
+        vecs = {k: acts[:n_pos, i].mean(0) - acts[n_pos:, i].mean(0) for i, k in enumerate(KINDS)}
+    vecs = distributed.broadcast(vecs)
     times["collect_s"] = time.perf_counter() - t1
+
+    # 5b. steering sweep (its cells shared out among the ranks)
+    sweep = None
+    if cfg.sweep:
+        t1 = time.perf_counter()
+        sweep = steering_sweep(model, tok, spec, vecs["response"], judge, out, cfg, key, progress)
+        times["sweep_s"] = time.perf_counter() - t1
+    if not main:
+        distributed.barrier()  # until rank 0 has written the outputs
+        return None
 
     # 5a. held-out AUROC per layer
     held = {s: filter_answers(part("heldout", s), s, cfg)[0] for s in ("positive", "negative")}
@@ -258,12 +294,10 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
         "layer_auroc": layer_auroc, "norms": [round(float(x), 4) for x in vecs["response"].norm(dim=-1)],
     }
 
-    # 5b. steering sweep
-    if cfg.sweep:
-        t1 = time.perf_counter()
-        report["sweep"] = steering_sweep(model, tok, spec, vecs["response"], judge, out, cfg, key, progress)
-        times["sweep_s"] = time.perf_counter() - t1
-        layer, alpha, reason = choose_layer(report["sweep"], cfg.coherence_floor)
+    # the layer: by the sweep, else by held-out AUROC
+    if sweep is not None:
+        report["sweep"] = sweep
+        layer, alpha, reason = choose_layer(sweep, cfg.coherence_floor)
     else:
         best = max(range(L), key=lambda l: layer_auroc["response"][l])
         layer, alpha, reason = best, None, "no steering sweep: the layer with the best held-out AUROC"
@@ -271,6 +305,7 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
                         "auroc": layer_auroc["response"][layer]}
     times["total_s"] = time.perf_counter() - t0
     report["seconds"] = {k: round(v, 1) for k, v in times.items()}
+    report["processes"] = distributed.world_size()
 
     meta = {"model": fp, "trait_spec": spec.name, "trait_spec_hash": spec.hash, "judge": judge.name,
             "n_positive": counts["positive"]["kept"], "n_negative": counts["negative"]["kept"],
@@ -292,6 +327,7 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
     render_png(report, out / "report.png")
     log(f"{spec.name}: layer {layer} (held-out AUROC {report['chosen']['auroc']}); wrote {out}/vectors.safetensors, "
         f"report.json, report.png")
+    distributed.barrier()
     return vs
 
 
@@ -299,7 +335,9 @@ def steering_sweep(model, tok, spec: TraitSpec, vectors: torch.Tensor, judge, ou
                    key: str, progress: bool) -> dict:
     """Judged trait score and coherence of answers to the evaluation questions (no system
     prompt) with the vector added at one layer, for each layer x alpha; plus the unsteered
-    baseline. Same sampling seed for every cell (common random numbers)."""
+    baseline. Same sampling seed for every cell (common random numbers). Under a launcher,
+    cell ``c`` (baseline first) runs on rank ``c % world`` and every rank gets every result
+    (a collective call)."""
     from ..handle import patch
 
     L = vectors.shape[0]
@@ -309,12 +347,12 @@ def steering_sweep(model, tok, spec: TraitSpec, vectors: torch.Tensor, judge, ou
         raise ValueError(f"sweep layers {bad} out of range [0, {L - 1}]")
     questions = list(spec.eval_questions[:cfg.sweep_questions])
     skey = settings_hash(key, list(map(float, vectors.flatten()[:64].tolist())), float(vectors.norm()))
-    gcache, jcache = JsonlLog(out / f"sweep-{skey}.jsonl"), JsonlLog(out / f"sweep-judged-{settings_hash(skey, judge.name)}.jsonl")
+    gcache, jcache = RankedLog(out / f"sweep-{skey}.jsonl"), RankedLog(out / f"sweep-judged-{settings_hash(skey, judge.name)}.jsonl")
     cells = [(None, 0.0)] + [(l, float(a)) for l in layers for a in cfg.sweep_alphas]
+    tags = ["base" if layer is None else f"{layer}:{alpha:g}" for layer, alpha in cells]
     results = {}
     with patch(model) as h:
-        for layer, alpha in cells:
-            tag = "base" if layer is None else f"{layer}:{alpha:g}"
+        for tag, (layer, alpha) in distributed.shard(list(zip(tags, cells))):   # one process: every cell
             jobs = [{"id": f"s:{tag}:{q}", "layer": layer, "alpha": alpha, "q": q, "system": None,
                      "question": question} for q, question in enumerate(questions)]
             h.clear()
@@ -328,6 +366,9 @@ def steering_sweep(model, tok, spec: TraitSpec, vectors: torch.Tensor, judge, ou
                             "coherence": _mean(r["coherence"] for r in recs),
                             "n_scored": sum(r["trait_score"] is not None for r in recs),
                             "example": recs[0]["answer"][:200]}
+    for part in distributed.gather(results):
+        results.update(part)
+    results = {t: results[t] for t in tags}   # in cell order, however the ranks shared them
     return {"layers": layers, "alphas": list(map(float, cfg.sweep_alphas)), "questions": len(questions),
             "positions": "response", "baseline": results["base"],
             "cells": {k: v for k, v in results.items() if k != "base"}}
