@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .pipeline_cmds import register
     register(sub)
+    __import__("personakern.cli.data_cmds", fromlist=["register"]).register(sub)
     return p
 
 

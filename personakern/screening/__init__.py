@@ -1,0 +1,5 @@
+"""Data screening and fine-tuning shift (DESIGN §6, §7)."""
+from .data import Malformed, Sample, ScreenDataError, parse_line
+from .screen import ScreenSettings, check_data, screen
+
+__all__ = ["screen", "check_data", "ScreenSettings", "ScreenDataError", "Sample", "Malformed", "parse_line"]

@@ -1,0 +1,165 @@
+"""Screening outputs from the per-chunk result files, in bounded memory.
+
+Each chunk file holds its rows (scalars only) already sorted by the ranking key; the ranked
+JSONL/CSV is their k-way merge (``heapq.merge``, at most ``FANOUT`` files open at once, in
+passes if there are more), streamed straight to disk. Dataset means come from running sums
+taken during the merge, the histogram from a second streaming pass over the ranked file.
+"""
+from __future__ import annotations
+
+import csv
+import heapq
+import json
+import math
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+from ..utils import atomic_write
+
+FIELDS = ("dP", "approx", "response", "base", "last_prompt")
+FANOUT = 64
+
+
+def col(field: str, trait: str) -> str:
+    return f"{field}_{trait}"
+
+
+def rank_key(column: str):
+    """Descending by ``column``; rows without a value (no base answer) last; ties by line."""
+    def key(row):
+        v = row.get(column)
+        return (math.inf if v is None else -v, row["line"])
+    return key
+
+
+def _read(path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def write_rows(path, rows: Sequence[dict]) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n")
+    atomic_write(path, write)
+
+
+def merged(paths: List[Path], key, tmp_dir: Path) -> Iterator[dict]:
+    """The rows of every (sorted) file in ``paths``, in ``key`` order."""
+    paths = list(paths)
+    level = 0
+    while len(paths) > FANOUT:      # reduce to FANOUT files by merging groups into temp files
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        nxt = []
+        for g in range(0, len(paths), FANOUT):
+            out = tmp_dir / f"merge{level}-{g // FANOUT:05d}.jsonl"
+            with ExitStack() as st:
+                its = [_read(p) for p in paths[g:g + FANOUT]]
+                st.callback(lambda its=its: [it.close() for it in its])
+                write_rows(out, heapq.merge(*its, key=key))
+            nxt.append(out)
+        paths, level = nxt, level + 1
+    its = [_read(p) for p in paths]
+    try:
+        yield from heapq.merge(*its, key=key)
+    finally:
+        for it in its:
+            it.close()
+
+
+class Stats:
+    """Running count / sum / sum of squares / min / max of one column."""
+
+    def __init__(self):
+        self.n, self.s, self.ss, self.lo, self.hi = 0, 0.0, 0.0, math.inf, -math.inf
+
+    def add(self, v: Optional[float]) -> None:
+        if v is None:
+            return
+        self.n += 1
+        self.s += v
+        self.ss += v * v
+        self.lo, self.hi = min(self.lo, v), max(self.hi, v)
+
+    def to_dict(self) -> dict:
+        if not self.n:
+            return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+        mean = self.s / self.n
+        var = max(self.ss / self.n - mean * mean, 0.0)
+        return {"n": self.n, "mean": mean, "std": math.sqrt(var), "min": self.lo, "max": self.hi}
+
+
+def write_ranked(chunk_files: List[Path], traits: Sequence[str], rank_column: str, out: Path) -> dict:
+    """``ranked.jsonl`` and ``ranked.csv`` in ``out``; returns ``{column: Stats}``."""
+    columns = ["rank", "line", "id"] + [col(f, t) for t in traits for f in FIELDS]
+    stats = {c: Stats() for c in columns[3:]}
+
+    def write_both(tmp_jsonl):
+        def write_csv(tmp_csv):
+            with open(tmp_jsonl, "w", encoding="utf-8") as fj, open(tmp_csv, "w", encoding="utf-8", newline="") as fc:
+                w = csv.writer(fc)
+                w.writerow(columns)
+                for rank, row in enumerate(merged(chunk_files, rank_key(rank_column), out / "chunks" / "merge"), 1):
+                    row = {"rank": rank, **row}
+                    for c, s in stats.items():
+                        s.add(row.get(c))
+                    fj.write(json.dumps({c: row.get(c) for c in columns}, ensure_ascii=False, allow_nan=False) + "\n")
+                    w.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+        atomic_write(out / "ranked.csv", write_csv)
+    atomic_write(out / "ranked.jsonl", write_both)
+    return stats
+
+
+def histogram(ranked: Path, traits: Sequence[str], stats: dict, layers: dict, png: Path,
+              approx_only: bool, bins: int = 40) -> None:
+    """One panel per trait: the per-sample dP (and its last-prompt-token approximation)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    shown = ("approx",) if approx_only else ("dP", "approx")
+    edges, counts = {}, {}
+    for t in traits:
+        for f in shown:
+            s = stats[col(f, t)]
+            if s.n:
+                lo, hi = s.lo, s.hi if s.hi > s.lo else s.lo + 1.0
+                edges[t, f] = np.linspace(lo, hi, bins + 1)
+                counts[t, f] = np.zeros(bins, dtype=np.int64)
+    # a second streaming pass over the ranked file, a thousand rows at a time
+    buf = []
+
+    def flush():
+        for (t, f), e in edges.items():
+            vals = [r[col(f, t)] for r in buf if r.get(col(f, t)) is not None]
+            counts[t, f] += np.histogram(vals, bins=e)[0]
+        buf.clear()
+    for r in _read(ranked):
+        buf.append(r)
+        if len(buf) >= 1000:
+            flush()
+    flush()
+    fig, axes = plt.subplots(len(traits), 1, figsize=(7, 2.6 * len(traits)), squeeze=False)
+    for ax, t in zip(axes[:, 0], traits):
+        for f, color in zip(shown, ("tab:red", "tab:gray")):
+            if (t, f) not in edges:
+                continue
+            label = ("projection difference dP" if f == "dP" else "approximation (response − last prompt token)")
+            mean = stats[col(f, t)].to_dict()["mean"]
+            ax.stairs(counts[t, f], edges[t, f], color=color, fill=f == "dP", alpha=0.5 if f == "dP" else 1.0,
+                      label=f"{label}, mean {mean:+.2f}")
+            ax.axvline(mean, color=color, lw=1, ls="--")
+        ax.axvline(0, color="k", lw=0.5)
+        ax.set_title(f"{t} (block {layers[t]})", fontsize=10)
+        ax.set_ylabel("samples")
+        ax.legend(fontsize=7)
+    axes[-1, 0].set_xlabel("projection on the unit persona vector")
+    fig.tight_layout()
+    tmp = str(png) + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
