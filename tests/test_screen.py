@@ -17,6 +17,7 @@ from conftest import tiny_llama_for
 from personakern import PersonaVector, VectorSet
 from personakern.screening import ScreenDataError, ScreenSettings, screen
 from personakern.screening import base_answers as base_mod
+from personakern.screening import report as report_mod
 from personakern.vectors import model_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,6 +212,7 @@ def test_resume_after_interruption(tiny, tok, tmp_path, monkeypatch):
         f.write('{"k": 8, "answ')
     calls.clear()
     monkeypatch.setattr(base_mod, "generate_ids", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(report_mod, "FANOUT", 2)     # 4 chunk files: the merge runs in passes
     with pytest.warns(UserWarning, match="incomplete last record"):
         resumed = screen(tiny, tok, data, vs, tmp_path / "cut", ScreenSettings(**st))
     assert len(calls) == 11 - 4          # 11 batches in all, 4 done before the kill

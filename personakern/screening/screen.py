@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -221,6 +222,7 @@ def screen(model, tok, data, vectors: VectorSet, out, settings: Optional[ScreenS
         raise RuntimeError(f"{out}/chunks: {missing[:3]} missing after every rank finished; with several "
                            f"machines --out must be on a filesystem they all see")
     stats = write_ranked(files, traits, rank_column, out)
+    shutil.rmtree(out / "chunks" / "merge", ignore_errors=True)
     histogram(out / "ranked.jsonl", traits, stats, layers, out / "histogram.png", s.approx_only)
     summary = {
         "data": str(data), "lines": n_lines, "samples": n_valid, "malformed": n_bad,
