@@ -261,7 +261,7 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
     vecs = distributed.broadcast(vecs)
     times["collect_s"] = time.perf_counter() - t1
 
-    # 5b. steering sweep (its cells shared out among the ranks)
+    # 5b. steering sweep, before 5a because every rank takes part (cells shared out among the ranks)
     sweep = None
     if cfg.sweep:
         t1 = time.perf_counter()
