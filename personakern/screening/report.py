@@ -123,13 +123,15 @@ def histogram(ranked: Path, traits: Sequence[str], stats: dict, layers: dict, pn
     import numpy as np
     shown = ("approx",) if approx_only else ("dP", "approx")
     edges, counts = {}, {}
-    for t in traits:
-        for f in shown:
-            s = stats[col(f, t)]
-            if s.n:
-                lo, hi = s.lo, s.hi if s.hi > s.lo else s.lo + 1.0
-                edges[t, f] = np.linspace(lo, hi, bins + 1)
-                counts[t, f] = np.zeros(bins, dtype=np.int64)
+    for t in traits:                 # one set of bins per trait, shared by dP and its approximation
+        have = [f for f in shown if stats[col(f, t)].n]
+        if not have:
+            continue
+        lo = min(stats[col(f, t)].lo for f in have)
+        hi = max(stats[col(f, t)].hi for f in have)
+        for f in have:
+            edges[t, f] = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+            counts[t, f] = np.zeros(bins, dtype=np.int64)
     # a second streaming pass over the ranked file, a thousand rows at a time
     buf = []
 

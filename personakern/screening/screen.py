@@ -144,8 +144,12 @@ def _process_chunk(model, tok, c: int, samples: Sequence[Sample], first_key: int
     base = torch.full_like(resp, float("nan"))
     if not s.approx_only:
         keys = list(range(first_key, first_key + len(samples)))
+        n0 = bar.n if bar is not None else 0
         answers = base_answers(model, tok, keys, prompts, JsonlLog(out / "answers" / f"c{c:05d}.jsonl"), s.gen(),
-                               first_key // s.batch_size, bar=None)
+                               first_key // s.batch_size, bar=bar)   # the bar moves per generated batch
+        if bar is not None:
+            bar.update(len(samples) - (bar.n - n0))
+            bar = None
         # an empty base answer has no response tokens: its dP is undefined (reported, ranked last)
         base_ids = texts_ids(tok, [answers[k] for k in keys])
         have = [i for i, ids in enumerate(base_ids) if ids]
