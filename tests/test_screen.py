@@ -181,7 +181,7 @@ def test_malformed_lines_skip_or_stop(tiny, tok, tmp_path):
     # stop: the first bad line is named, nothing is computed or written
     with pytest.raises(ScreenDataError, match=r"d\.jsonl:2: malformed line: not valid JSON"):
         screen(tiny, tok, data, vs, tmp_path / "stop", ScreenSettings(on_error="stop", approx_only=True, progress=False))
-    assert not (tmp_path / "stop" / "ranked.jsonl").exists() and not (tmp_path / "stop" / "run.json").exists()
+    assert not (tmp_path / "stop").exists()
     with pytest.raises(ScreenDataError, match="file not found"):
         screen(tiny, tok, tmp_path / "nope.jsonl", vs, tmp_path / "o2", ScreenSettings(progress=False))
     with pytest.raises(ScreenDataError, match="no valid samples"):
@@ -222,7 +222,7 @@ def test_resume_after_interruption(tiny, tok, tmp_path, monkeypatch):
     before = (tmp_path / "cut" / "ranked.jsonl").read_bytes()
     with pytest.raises(ValueError, match="other inputs or settings"):
         screen(tiny, tok, data, vs, tmp_path / "cut", ScreenSettings(**dict(st, seed=8)))
-    assert (tmp_path / "cut" / "ranked.jsonl").read_bytes() == before
+    assert (tmp_path / "cut" / "ranked.jsonl").read_bytes() == before and json.loads((tmp_path / "cut" / "run.json").read_text())["settings"]["seed"] == 7
 
 
 def _synthetic(path, n):

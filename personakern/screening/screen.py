@@ -22,6 +22,7 @@ import hashlib
 import json
 import shutil
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed as dist
 from ..extraction.generate import GenSettings
-from ..utils import JsonlLog, atomic_write_json
+from ..utils import JsonlLog, atomic_write, atomic_write_json
 from ..vectors import VectorSet, model_fingerprint
 from .base_answers import base_answers
 from .data import Sample, ScreenDataError, iter_chunks, iter_records
@@ -96,10 +97,10 @@ def _sha256(path) -> str:
     return h.hexdigest()
 
 
-def check_data(path, on_error: str = "skip", out: Optional[Path] = None):
+def check_data(path, on_error: str = "skip", sink=None):
     """Validate every line of ``path`` (one streaming pass, no model needed); returns
-    ``(lines, valid samples, malformed count, the first MAX_LISTED malformed)``. With ``out``,
-    every malformed line is written to ``out/malformed.jsonl``. Raises
+    ``(lines, valid samples, malformed count, the first MAX_LISTED malformed)``. With ``sink``
+    (a text file), every malformed line is written there as a JSON line. Raises
     :class:`ScreenDataError` for a missing file, a file without valid samples, and (with
     ``on_error="stop"``) at the first malformed line."""
     if on_error not in ("skip", "stop"):
@@ -109,31 +110,48 @@ def check_data(path, on_error: str = "skip", out: Optional[Path] = None):
         raise ScreenDataError(f"{path}: file not found" if not path.exists() else f"{path}: not a regular file")
     n_lines = n_valid = n_bad = 0
     listed = []
-    write = out is not None
-    f = open(out / "malformed.jsonl.tmp", "w", encoding="utf-8") if write else None
-    try:
-        for r in iter_records(path):
-            n_lines += 1
-            if isinstance(r, Sample):
-                n_valid += 1
-                continue
-            if on_error == "stop":
-                raise ScreenDataError(f"{path}:{r.line}: malformed line: {r.reason} (stopped by --on-error stop; "
-                                      f"fix the line or use --on-error skip)")
-            n_bad += 1
-            if len(listed) < MAX_LISTED:
-                listed.append({"line": r.line, "reason": r.reason})
-            if f is not None:
-                f.write(json.dumps({"line": r.line, "reason": r.reason}) + "\n")
-    finally:
-        if f is not None:
-            f.close()
-    if write:
-        (out / "malformed.jsonl.tmp").replace(out / "malformed.jsonl")
+    for r in iter_records(path):
+        n_lines += 1
+        if isinstance(r, Sample):
+            n_valid += 1
+            continue
+        if on_error == "stop":
+            raise ScreenDataError(f"{path}:{r.line}: malformed line: {r.reason} (stopped by --on-error stop; "
+                                  f"fix the line or use --on-error skip)")
+        n_bad += 1
+        if len(listed) < MAX_LISTED:
+            listed.append({"line": r.line, "reason": r.reason})
+        if sink is not None:
+            sink.write(json.dumps({"line": r.line, "reason": r.reason}) + "\n")
     if not n_valid:
         raise ScreenDataError(f"{path}: no valid samples in {n_lines} lines" + (f" (first problem: line "
                               f"{listed[0]['line']}: {listed[0]['reason']})" if listed else ""))
     return n_lines, n_valid, n_bad, listed
+
+
+def _claim(out: Path, manifest: dict) -> None:
+    """Make ``out`` this run's folder: a folder holding a run with other inputs or settings is
+    refused (and left as it is); rank 0 writes ``run.json``."""
+    manifest = json.loads(json.dumps(manifest))
+    mpath = out / "run.json"
+    if mpath.exists():
+        old = json.loads(mpath.read_text())
+        if old != manifest:
+            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+            raise ValueError(f"{out} holds a screening run with other inputs or settings ({', '.join(diff)}); "
+                             f"use another --out or delete that folder")
+    dist.barrier()
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(mpath, manifest)
+    dist.barrier()
+    for sub in ("chunks", "answers"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+
+
+def _copy(src, dst_path) -> None:
+    with open(dst_path, "w", encoding="utf-8") as f:
+        shutil.copyfileobj(src, f)
 
 
 def _process_chunk(model, tok, c: int, samples: Sequence[Sample], first_key: int, units, order, s: ScreenSettings,
@@ -180,28 +198,22 @@ def screen(model, tok, data, vectors: VectorSet, out, settings: Optional[ScreenS
     summary (on rank 0; other ranks return None). Rerunning with the same folder resumes."""
     s = settings or ScreenSettings()
     data, out = Path(data), Path(out)
-    check_data(data, s.on_error)          # before anything is created or computed
     traits, layers, units, order, rank_by = _plan(vectors, s)
     rank_column = col("approx" if s.approx_only else "dP", rank_by)
-    main = dist.is_main()
-    out.mkdir(parents=True, exist_ok=True)
-    n_lines, n_valid, n_bad, listed = check_data(data, s.on_error, out if main else None)
     chunk = s.batch_size * s.chunk_batches
-    manifest = {"data": str(data.resolve()), "data_sha256": _sha256(data), "traits": traits, "layers": layers,
+    main = dist.is_main()
+    manifest = {"data": str(data.resolve()) if data.exists() else str(data), "traits": traits, "layers": layers,
                 "model": model_fingerprint(model), "chunk": chunk, "rank_by": rank_column,
                 "settings": {k: v for k, v in asdict(s).items() if k not in ("progress", "on_error")}}
-    mpath = out / "run.json"
-    if mpath.exists():
-        old = json.loads(mpath.read_text())
-        if old != json.loads(json.dumps(manifest)):
-            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != json.loads(json.dumps(manifest)).get(k))
-            raise ValueError(f"{out} holds a screening run with other inputs or settings ({', '.join(diff)}); "
-                             f"use another --out or delete that folder")
-    dist.barrier()
-    if main:
-        atomic_write_json(mpath, manifest)
-    (out / "chunks").mkdir(exist_ok=True)
-    (out / "answers").mkdir(exist_ok=True)
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as bad:
+        # the data are validated before anything is created or computed, and the malformed
+        # list moves into the output folder only once the folder is known to be this run's
+        n_lines, n_valid, n_bad, listed = check_data(data, s.on_error, bad)
+        manifest["data_sha256"] = _sha256(data)
+        _claim(out, manifest)
+        if main:
+            bad.seek(0)
+            atomic_write(out / "malformed.jsonl", lambda tmp: _copy(bad, tmp))
     if main and n_bad:
         shown = ", ".join(f"{m['line']} ({m['reason']})" for m in listed[:20])
         print(f"personakern screen: skipped {n_bad} malformed line(s) of {data}: {shown}"
