@@ -66,33 +66,82 @@ class PersonaHandle:
                 f"steering={list(self._state.slots)}, monitoring={self._state.monitor_traits})")
 
     # ------------------------------------------------------------------ steering
-    def steer(self, vector: VectorLike, alpha: Union[float, Sequence[float], Tensor],
-              layers: Layers = None, positions: str = "all", name: Optional[str] = None) -> "PersonaHandle":
-        """Add ``alpha * vector[l]`` to the output of every block ``l`` in ``layers``.
+    def steer(self, vector: VectorLike, alpha: Union[float, Sequence[float], Tensor, None] = None,
+              layers: Layers = None, positions: str = "all", name: Optional[str] = None, *,
+              cap: Union[float, Sequence[float], Tensor, None] = None, ablate: bool = False,
+              when: Optional[tuple] = None) -> "PersonaHandle":
+        """Steer the output of every block ``l`` in ``layers`` with ``vector[l]``.
 
         ``vector``: a :class:`PersonaVector` or a tensor ``[num_layers, hidden]``.
-        ``alpha``: a float, or one value per batch row (a sequence or a 1-D tensor).
+        ``alpha``: add ``alpha * vector[l]``; a float, or one value per batch row (a sequence or
+        a 1-D tensor).
+        ``cap``: clamp the projection ``<h, v_hat>`` to at most ``cap`` (per row like alpha),
+        after any ``alpha`` of this call: ``h -= relu(<h, v_hat> - cap) * v_hat``.
+        ``ablate=True``: remove the component of ``h`` along ``v_hat``.
+        ``when=(condition, threshold)``: add ``alpha * vector[l]`` only at tokens whose
+        projection on ``condition`` (a vector, or the name of a monitored trait or of another
+        steering entry) exceeds ``threshold`` (per row like alpha), read on the block output
+        before any steering.
         ``layers``: an int, an iterable of ints, ``"all"``, or None for the vector's
         recommended layer (``meta["layer"]``). ``positions``: ``"all"``, ``"prompt"`` or
         ``"response"`` (tokens after the prompt of the current ``generate()`` call).
         ``name`` defaults to the trait (or "vector" for a tensor); calling again with the same name
-        replaces that vector's settings (only the coefficient, in place, if nothing else changed).
+        replaces that entry (only the per-row values, in place, if nothing else changed).
+
+        All of it runs inside the fused op, per row and per token, from tensors prepared here:
+        no host sync and no recompilation when only values change.
         """
         self._check_active()
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
         name = name or (vector.trait if isinstance(vector, PersonaVector) else "vector")
+        if alpha is None and cap is None and not ablate:
+            raise ValueError(f"steer({name!r}): give alpha, cap or ablate=True")
+        if ablate and cap is not None:
+            raise ValueError(f"steer({name!r}): cap and ablate exclude each other (ablation is cap=floor=0)")
+        if when is not None and alpha is None:
+            raise ValueError(f"steer({name!r}): when= makes the alpha steering conditional; give alpha too")
         vectors = self._layer_tensor(vector, name)
         layer_tuple = self._resolve_layers(layers, vector)
-        alpha_t = _alpha_tensor(alpha, name).to(self.device)
-        slot = self._state.slots.get(name)
-        if (slot is not None and slot.layers == layer_tuple and slot.positions == positions
-                and slot.alpha.shape == alpha_t.shape and torch.equal(slot.vectors, vectors)):
-            slot.alpha.copy_(alpha_t)  # the cheap path: only the coefficient changes
+        alpha_t = None if alpha is None else _alpha_tensor(alpha, name).to(self.device)
+        cap_t = None if cap is None else _alpha_tensor(cap, name, "cap", allow_inf=True).to(self.device)
+        if cap_t is not None or ablate:
+            zero = [l for l in layer_tuple if float(vectors[l].norm()) == 0.0]
+            if zero:
+                raise ValueError(f"{name!r} has a zero vector at layers {zero}: no direction to cap or ablate")
+        gate = thr = None
+        if when is not None:
+            gate, thr = self._condition(when, name)
+        new = SteerSlot(name, vectors, alpha_t, layer_tuple, positions, cap_t, bool(ablate), gate, thr)
+        old = self._state.slots.get(name)
+        if (old is not None and old.structure() == new.structure() and torch.equal(old.vectors, vectors)
+                and (old.gate is None) == (gate is None) and (gate is None or torch.equal(old.gate, gate))):
+            for mine, given in ((old.alpha, alpha_t), (old.cap, cap_t), (old.gate_thr, thr)):
+                if mine is not None:
+                    mine.copy_(given)  # the cheap path: only per-row values change
             return self
-        self._state.slots[name] = SteerSlot(name, vectors, alpha_t, layer_tuple, positions)
+        self._state.slots[name] = new
         self._state.rebuild_steering()
         return self
+
+    def _condition(self, when, name: str) -> tuple[Tensor, Tensor]:
+        if not isinstance(when, (tuple, list)) or len(when) != 2:
+            raise ValueError(f"steer({name!r}): when must be (condition, threshold), got {when!r}")
+        cond, threshold = when
+        if isinstance(cond, str):
+            s = self._state
+            if cond in s.monitor_units:
+                units = s.monitor_units[cond]
+            elif cond in s.slots:
+                units = s.slots[cond].units
+            else:
+                raise KeyError(f"steer({name!r}): condition {cond!r} is neither a monitored trait "
+                               f"({s.monitor_traits}) nor a steering entry ({list(s.slots)}); pass a vector")
+        else:
+            t = self._layer_tensor(cond, f"{name} condition")
+            norms = t.norm(dim=-1, keepdim=True)
+            units = t / norms.clamp_min(torch.finfo(torch.float32).tiny)
+        return units.contiguous(), _alpha_tensor(threshold, name, "the when= threshold", allow_inf=True).to(self.device)
 
     def clear(self, name: Optional[str] = None) -> "PersonaHandle":
         """Remove one steering vector by name, or all of them."""
@@ -105,8 +154,18 @@ class PersonaHandle:
 
     @property
     def steering(self) -> dict[str, dict]:
-        return {s.name: {"layers": s.layers, "positions": s.positions, "alpha": s.alpha.tolist()}
-                for s in self._state.slots.values()}
+        out = {}
+        for s in self._state.slots.values():
+            d = {"layers": s.layers, "positions": s.positions,
+                 "alpha": None if s.alpha is None else s.alpha.tolist()}
+            if s.cap is not None:
+                d["cap"] = s.cap.tolist()
+            if s.ablate:
+                d["ablate"] = True
+            if s.gate_thr is not None:
+                d["when_threshold"] = s.gate_thr.tolist()
+            out[s.name] = d
+        return out
 
     # ------------------------------------------------------------------ monitoring
     def monitor(self, vectors: Union[VectorLike, VectorSet, Mapping[str, VectorLike], Sequence[PersonaVector], None],
@@ -186,15 +245,17 @@ class PersonaHandle:
         return tuple(sorted(set(out)))
 
 
-def _alpha_tensor(alpha, name: str) -> Tensor:
+def _alpha_tensor(alpha, name: str, what: str = "alpha", allow_inf: bool = False) -> Tensor:
+    """Per-row values as a 1-D float32 tensor; ``allow_inf`` admits +-inf (an absent cap, an
+    always-open or never-open gate) but never NaN."""
     t = torch.as_tensor(alpha, dtype=torch.float32).detach().clone()
     if t.dim() > 1:
-        raise ValueError(f"alpha for {name!r} must be a number or one value per batch row, got shape {tuple(t.shape)}")
+        raise ValueError(f"{what} for {name!r} must be a number or one value per batch row, got shape {tuple(t.shape)}")
     t = t.reshape(-1)
     if t.numel() == 0:
-        raise ValueError(f"alpha for {name!r} is empty")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"alpha for {name!r} is not finite: {t.tolist()}")
+        raise ValueError(f"{what} for {name!r} is empty")
+    if not (~torch.isnan(t) if allow_inf else torch.isfinite(t)).all():
+        raise ValueError(f"{what} for {name!r} is not finite: {t.tolist()}")
     return t
 
 

@@ -23,11 +23,32 @@ POSITION_MODES = ("all", "prompt", "response")
 
 @dataclass
 class SteerSlot:
+    """One named steering entry: an additive vector (``alpha``), optionally conditional on a
+    projection (``gate``), and/or a bound on the projection on the vector's direction (``cap``
+    or ``ablate``). Per-row values are ``[1]`` (every row) or ``[B]`` float32 tensors."""
     name: str
-    vectors: Tensor          # [L, D] float32 on the model's device
-    alpha: Tensor            # [1] or [B] float32
+    vectors: Tensor                     # [L, D] float32 on the model's device
+    alpha: Optional[Tensor]             # additive coefficient, None: no additive steering
     layers: tuple[int, ...]
     positions: str
+    cap: Optional[Tensor] = None        # ceiling on <h, v_hat>
+    ablate: bool = False                # <h, v_hat> := 0
+    gate: Optional[Tensor] = None       # [L, D] unit condition vectors
+    gate_thr: Optional[Tensor] = None   # steer only where <h, gate> > gate_thr
+
+    @property
+    def units(self) -> Tensor:
+        return self.vectors / self.vectors.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+    @property
+    def clamps(self) -> bool:
+        return self.cap is not None or self.ablate
+
+    def structure(self) -> tuple:
+        """Everything but the per-row values: equal structure means a value update is enough."""
+        shape = lambda t: None if t is None else tuple(t.shape)
+        return (self.layers, self.positions, self.ablate, shape(self.alpha), shape(self.cap),
+                shape(self.gate_thr))
 
 
 class PersonaState:
@@ -38,10 +59,16 @@ class PersonaState:
         self.ops = ops
         # structure, rebuilt by steer()/monitor()
         self.slots: dict[str, SteerSlot] = {}
+        self.add_slots: list[SteerSlot] = []     # slots with additive steering, in coef column order
+        self.clamp_slots: list[SteerSlot] = []   # slots with a cap or an ablation
         self.layer_steer: list[Optional[Tensor]] = [None] * num_layers    # [S, D] per layer
+        self.layer_gate: list[Optional[Tensor]] = [None] * num_layers     # [S, D] per layer
+        self.layer_clamp: list[Optional[Tensor]] = [None] * num_layers    # [C, D] per layer
+        self.gated = False
         self.layer_readout: list[Optional[Tensor]] = [None] * num_layers  # [M, D] per layer
         self.layer_slot: list[int] = [-1] * num_layers                    # index in the buffer
         self.monitor_traits: list[str] = []
+        self.monitor_units: dict[str, Tensor] = {}
         self.monitor_layers: list[int] = []
         # counts, not the lists themselves, are what the forward branches on: under
         # torch.compile a branch on a list guards on its contents (renaming a trait would
@@ -54,6 +81,9 @@ class PersonaState:
         self.past = 0
         self.length = 0
         self.coef: Optional[Tensor] = None
+        self.gate_thr: Optional[Tensor] = None   # [N, S]
+        self.clamp_lo: Optional[Tensor] = None   # [N, C]
+        self.clamp_hi: Optional[Tensor] = None
         self.prompt_end: Optional[Tensor] = None
         self.buffer: Optional[Tensor] = None   # [B, capacity, Lm, M]
         self.valid: Optional[Tensor] = None    # [B, capacity] bool
@@ -64,19 +94,33 @@ class PersonaState:
     # ------------------------------------------------------------------ structure
     def rebuild_steering(self) -> None:
         slots = list(self.slots.values())
-        per_layer: list[Optional[Tensor]] = [None] * self.num_layers
-        if slots:
-            for layer in sorted({l for s in slots for l in s.layers}):
-                # Vectors of slots not active at this layer are zero rows: one [N,S]x[S,D]
-                # product per layer whatever the mix, with a coefficient matrix shared by all.
-                rows = [s.vectors[layer] if layer in s.layers else torch.zeros_like(s.vectors[layer])
-                        for s in slots]
-                per_layer[layer] = torch.stack(rows).contiguous()
-        self.layer_steer = per_layer
+        self.add_slots = [s for s in slots if s.alpha is not None]
+        self.clamp_slots = [s for s in slots if s.clamps]
+        self.gated = any(s.gate is not None for s in self.add_slots)
+        # Vectors of slots not active at a layer are zero rows: one [N,S]x[S,D] product per
+        # layer whatever the mix, with coefficient (and bound) matrices shared by all layers.
+        self.layer_steer = self._per_layer(self.add_slots, lambda s: s.vectors)
+        self.layer_gate = (self._per_layer(self.add_slots, lambda s: s.gate, always=self.layer_steer)
+                           if self.gated else [None] * self.num_layers)
+        self.layer_clamp = self._per_layer(self.clamp_slots, lambda s: s.units)
+
+    def _per_layer(self, slots: list, table, always=None) -> list:
+        out: list[Optional[Tensor]] = [None] * self.num_layers
+        for layer in sorted({l for s in slots for l in s.layers}):
+            if always is not None and always[layer] is None:
+                continue
+            rows = []
+            for s in slots:
+                t = table(s)
+                rows.append(t[layer] if t is not None and layer in s.layers else
+                            torch.zeros_like(s.vectors[layer]))
+            out[layer] = torch.stack(rows).contiguous()
+        return out
 
     def set_monitors(self, units: dict[str, Tensor], layers: list[int]) -> None:
         """``units``: trait -> unit vectors ``[L, D]`` (float32, model device)."""
         self.monitor_traits = list(units)
+        self.monitor_units = dict(units)
         self.monitor_layers = list(layers)
         self.n_monitored = len(self.monitor_traits)
         self.layer_readout = [None] * self.num_layers
@@ -122,24 +166,50 @@ class PersonaState:
         columns = torch.arange(past, past + seqlen, device=self.device)
         is_prompt = columns[None, :] < self.prompt_end[:, None]  # [B, T]
 
-        self.coef = self._coefficients(batch, seqlen, real, is_prompt) if self.slots else None
+        self.coef = self.gate_thr = self.clamp_lo = self.clamp_hi = None
+        if self.slots:
+            self._coefficients(batch, seqlen, real, is_prompt)
         if self.n_monitored:
             self._prepare_buffer(fresh, past + seqlen, real)
 
-    def _coefficients(self, batch: int, seqlen: int, real: Tensor, is_prompt: Tensor) -> Tensor:
-        cols = []
-        for slot in self.slots.values():
-            if slot.alpha.numel() not in (1, batch):
-                raise ValueError(
-                    f"steering {slot.name!r}: alpha has {slot.alpha.numel()} rows but the batch has {batch}"
-                )
-            mask = real
+    def _coefficients(self, batch: int, seqlen: int, real: Tensor, is_prompt: Tensor) -> None:
+        """Per-token tables of this forward: ``coef [N, S]`` (and ``gate_thr``) for additive
+        steering, ``clamp_lo/hi [N, C]`` for caps and ablations; tokens outside a slot's
+        positions (and padding) get a zero coefficient and no bound."""
+        def rows(slot, name, t):
+            if t.numel() not in (1, batch):
+                raise ValueError(f"steering {slot.name!r}: {name} has {t.numel()} rows but the batch has {batch}")
+            return t.view(-1, 1).expand(batch, seqlen)
+
+        def mask_of(slot):
             if slot.positions == "prompt":
-                mask = real & is_prompt
-            elif slot.positions == "response":
-                mask = real & ~is_prompt
-            cols.append(slot.alpha.view(-1, 1) * mask)
-        return torch.stack(cols, dim=-1).reshape(batch * seqlen, len(cols))
+                return real & is_prompt
+            if slot.positions == "response":
+                return real & ~is_prompt
+            return real
+
+        n = batch * seqlen
+        if self.add_slots:
+            self.coef = torch.stack([rows(s, "alpha", s.alpha) * mask_of(s) for s in self.add_slots],
+                                    dim=-1).reshape(n, -1)
+            if self.gated:
+                ninf = torch.full((1,), -torch.inf, device=self.device)
+                self.gate_thr = torch.stack(
+                    [rows(s, "the when= threshold", s.gate_thr if s.gate is not None else ninf)
+                     for s in self.add_slots], dim=-1).reshape(n, -1).contiguous()
+        if self.clamp_slots:
+            los, his = [], []
+            for s in self.clamp_slots:
+                mask = mask_of(s)
+                off = torch.full((batch, seqlen), torch.inf, device=self.device)
+                if s.ablate:
+                    lo = hi = torch.zeros((batch, seqlen), device=self.device)
+                else:
+                    lo, hi = -off, rows(s, "cap", s.cap)
+                los.append(torch.where(mask, lo, -off))
+                his.append(torch.where(mask, hi, off))
+            self.clamp_lo = torch.stack(los, dim=-1).reshape(n, -1)
+            self.clamp_hi = torch.stack(his, dim=-1).reshape(n, -1)
 
     def _prepare_buffer(self, fresh: bool, end: int, real: Tensor) -> None:
         n_layers, n_traits = len(self.monitor_layers), self.n_monitored
@@ -171,18 +241,23 @@ class PersonaState:
         gradient checkpointing, whose recomputation must not see a stashed tensor)."""
         steer = self.layer_steer[layer]
         readout = self.layer_readout[layer]
+        clamp = self.layer_clamp[layer]
+        gate = self.layer_gate[layer]
         coef = self.coef if steer is not None else None
+        gate_thr = self.gate_thr if gate is not None else None
+        lo, hi = (self.clamp_lo, self.clamp_hi) if clamp is not None else (None, None)
         shape = hidden.shape
         d = shape[-1]
         nxt = self.next_norms[layer] if fuse_next else None
         if nxt is None:
             out, readings = self.ops.steer_project(
-                hidden.reshape(-1, d), delta.reshape(-1, d), steer, coef, None, None, None, readout)
+                hidden.reshape(-1, d), delta.reshape(-1, d), steer, coef, clamp, lo, hi, readout,
+                gate, gate_thr)
         else:
             norm, eps, gemma = nxt
             normed, out, readings = self.ops.add_rms_norm_steer_project(
                 hidden.reshape(-1, d), delta.reshape(-1, d), norm.weight, eps, gemma,
-                steer, coef, None, None, None, readout)
+                steer, coef, clamp, lo, hi, readout, gate, gate_thr)
         if readings is not None:
             self.record(layer, readings)
         out = out.view(shape)

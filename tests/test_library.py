@@ -25,11 +25,16 @@ def make(n=5, d=11, s=2, c=2, m=3, dtype=torch.float64, seed=0):
     hi = torch.full((n, c), float("inf"), dtype=dtype)
     hi[:, 0] = -0.3          # capping that binds on most rows
     lo[:2, 1] = hi[:2, 1] = 0.0  # ablation on two rows
-    return dict(hidden=r(n, d), delta=r(n, d), steer_vecs=r(s, d), coef=r(n, s), clamp_vecs=unit(c),
-                clamp_lo=lo, clamp_hi=hi, readout=unit(m), weight=1 + 0.1 * r(d))
+    hidden, delta = r(n, d), r(n, d)
+    gate = unit(s)
+    # conditional steering: one gate open and one closed per row, half a unit from the boundary
+    thr = ((hidden + delta) @ gate.t()).detach() + torch.tensor([-0.5, 0.5], dtype=dtype)[:s]
+    return dict(hidden=hidden, delta=delta, steer_vecs=r(s, d), coef=r(n, s), clamp_vecs=unit(c),
+                clamp_lo=lo, clamp_hi=hi, readout=unit(m), gate_vecs=gate, gate_thr=thr,
+                weight=1 + 0.1 * r(d))
 
 
-STEER_KEYS = ("steer_vecs", "coef", "clamp_vecs", "clamp_lo", "clamp_hi", "readout")
+STEER_KEYS = ("steer_vecs", "coef", "clamp_vecs", "clamp_lo", "clamp_hi", "readout", "gate_vecs", "gate_thr")
 
 
 def test_opcheck():

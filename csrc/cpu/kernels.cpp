@@ -132,6 +132,11 @@ inline float clamp_like_torch(float p, float lo, float hi) {
 struct Scratch {
   std::vector<float> row;
   std::vector<float> excess;
+  std::vector<float> gated;
+  float* gated_of(int64_t k) {
+    if (static_cast<int64_t>(gated.size()) < k) gated.resize(k);
+    return gated.data();
+  }
   float* row_of(int64_t d) {
     if (static_cast<int64_t>(row.size()) < d) row.resize(d);
     return row.data();
@@ -174,17 +179,39 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
   constexpr int64_t W = IO::W;
   const int64_t d = a.d;
   const bool clamping = a.c > 0;
+  const bool gating = a.s > 0 && a.gate != nullptr;
   // The float row (before the final rounding) is parked in scratch whenever dots need it.
-  const bool keep_row = clamping || a.m > 0;
+  const bool keep_row = clamping || a.m > 0 || gating;
   Scratch& sc = t_scratch;
   float* row = keep_row ? sc.row_of(d) : nullptr;
   float* excess = clamping ? sc.excess_of(a.c) : nullptr;
+  float* gated = gating ? sc.gated_of(a.s) : nullptr;
 
   for (int64_t r = r0; r < r1; ++r) {
     const T* hid = static_cast<const T*>(a.hidden) + r * d;
     const T* del = a.delta ? static_cast<const T*>(a.delta) + r * d : nullptr;
     T* out = static_cast<T*>(a.out) + r * d;
     const float* coef = a.s ? a.coef + r * a.coef_stride : nullptr;
+
+    // Conditional steering: the gates read h before steering, so h goes to scratch first and
+    // pass 1 below continues from there with the gated coefficients.
+    if (gating) {
+      for_chunks<W>(d, [&](int64_t i, int64_t n) {
+        VecF f[NV];
+        IO::load(hid + i, n, f);
+        if (del) {
+          VecF g[NV];
+          IO::load(del + i, n, g);
+          for (int j = 0; j < NV; ++j) f[j] = f[j] + g[j];
+          IO::round(f);
+        }
+        store_f32<NV>(row + i, n, f);
+      });
+      const float* thr = a.gate_thr + r * a.gate_stride;
+      for (int64_t k = 0; k < a.s; ++k)
+        gated[k] = dot(row, a.gate + k * d, d) > thr[k] ? coef[k] : 0.f;
+      coef = gated;
+    }
 
     auto emit = [&](int64_t i, int64_t n, VecF* f) {
       if (keep_row && !clamping) store_f32<NV>(row + i, n, f);
@@ -195,12 +222,16 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
     // is already the final row.
     for_chunks<W>(d, [&](int64_t i, int64_t n) {
       VecF f[NV];
-      IO::load(hid + i, n, f);
-      if (del) {
-        VecF g[NV];
-        IO::load(del + i, n, g);
-        for (int j = 0; j < NV; ++j) f[j] = f[j] + g[j];
-        IO::round(f);
+      if (gating) {
+        load_f32<NV>(row + i, n, f);
+      } else {
+        IO::load(hid + i, n, f);
+        if (del) {
+          VecF g[NV];
+          IO::load(del + i, n, g);
+          for (int j = 0; j < NV; ++j) f[j] = f[j] + g[j];
+          IO::round(f);
+        }
       }
       if (coef) {
         VecF u[NV];
@@ -254,7 +285,7 @@ int64_t grain_for(int64_t per_row_cost) {
 }
 
 int64_t row_cost(const SteerArgs& a) {
-  return a.d * (2 + a.s + 2 * a.c + a.m + (a.weight ? 2 : 0));
+  return a.d * (2 + a.s + (a.gate ? a.s + 2 : 0) + 2 * a.c + a.m + (a.weight ? 2 : 0));
 }
 
 template <typename F>

@@ -20,6 +20,11 @@ struct SteerArgs {
   const float* steer = nullptr;  // [s, d]
   const float* coef = nullptr;   // rows of s, stride coef_stride
   int64_t s = 0, coef_stride = 0;
+  // Conditional steering (optional): vector k is added only where <h, gate[k]> > thr[k], the
+  // projection taken before any steering.
+  const float* gate = nullptr;   // [s, d] unit vectors
+  const float* gate_thr = nullptr;  // rows of s, stride gate_stride
+  int64_t gate_stride = 0;
 
   const float* clamp = nullptr;  // [c, d] unit vectors
   const float* lo = nullptr;     // rows of c

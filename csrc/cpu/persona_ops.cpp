@@ -38,12 +38,13 @@ struct Signature {
 };
 Signature g_sig[kNumOps] = {
     {{"x", "weight", "eps", "gemma"}, 3, {}},
-    {{"hidden", "delta", "steer_vecs", "coef", "clamp_vecs", "clamp_lo", "clamp_hi", "readout"}, 1, {}},
+    {{"hidden", "delta", "steer_vecs", "coef", "clamp_vecs", "clamp_lo", "clamp_hi", "readout",
+      "gate_vecs", "gate_thr"}, 1, {}},
     {{"residual", "x", "weight", "eps", "gemma"}, 4, {}},
     {{"residual", "x", "weight", "eps", "gemma", "steer_vecs", "coef", "clamp_vecs", "clamp_lo",
-      "clamp_hi", "readout"}, 4, {}},
+      "clamp_hi", "readout", "gate_vecs", "gate_thr"}, 4, {}},
 };
-constexpr int kMaxParams = 11;
+constexpr int kMaxParams = 13;
 
 // Positional and keyword arguments into slots (nullptr = not given). Anything odd returns false
 // and the call goes to native, which raises the proper TypeError.
@@ -153,7 +154,8 @@ bool flag_of(PyObject* o) {
   return v == 1;
 }
 
-// slots: hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout.
+// slots: hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs,
+// gate_thr.
 void steer_args(Inputs& in, PyObject* const* slot, const Tensor& hidden, SteerArgs& a,
                 Tensor& readings) {
   a.d = hidden.size(-1);
@@ -173,6 +175,14 @@ void steer_args(Inputs& in, PyObject* const* slot, const Tensor& hidden, SteerAr
     a.coef_stride = row_stride(coef, a.s, a.n, per_row_ok);
     a.steer = f32(*steer);
     a.coef = f32(coef);
+    if (const Tensor* gate = in.get(slot[8])) {
+      need(gate->scalar_type() == c10::kFloat && gate->dim() == 2 && gate->size(0) == a.s &&
+           gate->size(1) == a.d);
+      const Tensor& thr = in.require(slot[9]);
+      a.gate_stride = row_stride(thr, a.s, a.n, per_row_ok);
+      a.gate = f32(*gate);
+      a.gate_thr = f32(thr);
+    }
   }
   const Tensor* clamp = in.get(slot[4]);
   if (clamp) {
@@ -269,10 +279,10 @@ PyObject* do_add_rms_norm(PyObject* const* slot, bool fused) {
   SteerArgs a;
   a.eps = eps_of(slot[3]);
   a.gemma = flag_of(slot[4]);
-  PyObject* const none[6] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  PyObject* const none[8] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
   PyObject* const* extra = fused ? slot + 5 : none;
-  PyObject* const steer_slots[8] = {slot[0], slot[1], extra[0], extra[1],
-                                    extra[2], extra[3], extra[4], extra[5]};
+  PyObject* const steer_slots[10] = {slot[0], slot[1], extra[0], extra[1], extra[2],
+                                     extra[3], extra[4], extra[5], extra[6], extra[7]};
   Tensor readings;
   need(slot[1] && slot[1] != Py_None);  // x is required by the reference
   steer_args(in, steer_slots, residual, a, readings);
@@ -332,14 +342,15 @@ PyMethodDef g_methods[] = {
      "rms_norm($module, x, weight, eps, gemma=False)\n--\n\nFused RMSNorm (see backends.native)."},
     {"steer_project", PK_FAST(entry<kSteerProject>), METH_FASTCALL | METH_KEYWORDS,
      "steer_project($module, hidden, delta=None, steer_vecs=None, coef=None, clamp_vecs=None, "
-     "clamp_lo=None, clamp_hi=None, readout=None)\n--\n\n"
+     "clamp_lo=None, clamp_hi=None, readout=None, gate_vecs=None, gate_thr=None)\n--\n\n"
      "Residual add, steering, clamping and readout (see backends.native)."},
     {"add_rms_norm", PK_FAST(entry<kAddRmsNorm>), METH_FASTCALL | METH_KEYWORDS,
      "add_rms_norm($module, residual, x, weight, eps, gemma=False)\n--\n\n"
      "Residual add and RMSNorm (see backends.native)."},
     {"add_rms_norm_steer_project", PK_FAST(entry<kFused>), METH_FASTCALL | METH_KEYWORDS,
      "add_rms_norm_steer_project($module, residual, x, weight, eps, gemma=False, steer_vecs=None, "
-     "coef=None, clamp_vecs=None, clamp_lo=None, clamp_hi=None, readout=None)\n--\n\n"
+     "coef=None, clamp_vecs=None, clamp_lo=None, clamp_hi=None, readout=None, gate_vecs=None, "
+     "gate_thr=None)\n--\n\n"
      "steer_project followed by RMSNorm, in one pass per row (see backends.native)."},
     {"_set_fallbacks", PK_FAST(set_fallbacks), METH_FASTCALL,
      "_set_fallbacks($module, rms_norm, steer_project, add_rms_norm, add_rms_norm_steer_project)"

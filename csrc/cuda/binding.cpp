@@ -66,7 +66,8 @@ std::tuple<Tensor, Tensor, Tensor> rows(const Tensor& a, const OptTensor& b, con
                                         bool gemma, bool want_out, const OptTensor& steer_vecs,
                                         const OptTensor& coef, const OptTensor& clamp_vecs,
                                         const OptTensor& clamp_lo, const OptTensor& clamp_hi,
-                                        const OptTensor& readout) {
+                                        const OptTensor& readout, const OptTensor& gate_vecs,
+                                        const OptTensor& gate_thr) {
   TORCH_CHECK(a.is_cuda(), "personakern cuda: tensors must be on a CUDA device, got ", a.device());
   TORCH_CHECK(a.dim() == 2, "personakern cuda: rows must be 2-D [N, D], got ", a.sizes());
   TORCH_CHECK(a.is_contiguous(), "personakern cuda: rows must be contiguous");
@@ -107,6 +108,16 @@ std::tuple<Tensor, Tensor, Tensor> rows(const Tensor& a, const OptTensor& b, con
     p.steer = steer_vecs->data_ptr<float>();
     p.coef = coef->data_ptr<float>();
     p.num_steer = static_cast<int32_t>(s);
+    if (gate_vecs.has_value()) {
+      TORCH_CHECK(gate_thr.has_value(), "personakern cuda: gate_vecs without gate_thr");
+      TORCH_CHECK(s <= personakern_cuda::kMaxProj, "personakern cuda: at most ", personakern_cuda::kMaxProj,
+                  " conditional steering vectors, got ", s);
+      TORCH_CHECK(check_f32(*gate_vecs, a, "gate_vecs", d) == s, "personakern cuda: gate_vecs must have ", s,
+                  " rows");
+      check_per_row(*gate_thr, a, "gate_thr", n, s);
+      p.gate = gate_vecs->data_ptr<float>();
+      p.gate_thr = gate_thr->data_ptr<float>();
+    }
   }
   if (clamp_vecs.has_value()) {
     TORCH_CHECK(clamp_lo.has_value() && clamp_hi.has_value(), "personakern cuda: clamp_vecs without bounds");

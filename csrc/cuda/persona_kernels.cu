@@ -37,6 +37,8 @@ struct Args {
   T* normed;
   const float* steer;
   const float* coef;
+  const float* gate;
+  const float* gate_thr;
   const float* clamp;
   const float* lo;
   const float* hi;
@@ -56,9 +58,11 @@ struct Args {
 };
 
 // h32 of elements [i, i + VEC) before clamping: round(a + b), then the steering sum added
-// as one term, the order of native's `h32 + coef @ steer`.
+// as one term, the order of native's `h32 + coef @ steer`. `coef` is the row's (possibly
+// gated) coefficients, null for no steering.
 template <typename T, int VEC>
-__device__ __forceinline__ void compute_h(const Args<T>& p, int64_t row, int64_t i, float (&v)[VEC]) {
+__device__ __forceinline__ void compute_h(const Args<T>& p, int64_t row, int64_t i, const float* coef,
+                                          float (&v)[VEC]) {
   const int64_t off = row * p.dim + i;
   load_t<T, VEC>(p.a + off, v);
   if (p.b != nullptr) {
@@ -67,11 +71,10 @@ __device__ __forceinline__ void compute_h(const Args<T>& p, int64_t row, int64_t
 #pragma unroll
     for (int j = 0; j < VEC; ++j) v[j] = round_to<T>(v[j] + d[j]);
   }
-  if (p.S > 0) {
+  if (coef != nullptr) {
     float acc[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) acc[j] = 0.f;
-    const float* coef = p.coef + row * p.S;
     for (int s = 0; s < p.S; ++s) {
       const float c = coef[s];
       float w[VEC];
@@ -118,11 +121,43 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Args<T> p) {
   const int warps = group / kWarp;
   const int64_t nvec = p.dim / VEC;
   float* cache = p.cached ? reinterpret_cast<float*>(dyn_smem) + g * p.dim : nullptr;
+  const float* coef = p.S > 0 ? p.coef + row * p.S : nullptr;
+
+  // Conditional steering: project the unsteered row on the gate vectors, then steer with
+  // the coefficients whose gate is open.
+  __shared__ float gated_rows[kRowsPerWarpBlock][kMaxProj];
+  if (coef != nullptr && p.gate != nullptr) {
+    float proj[kMaxProj];
+#pragma unroll
+    for (int k = 0; k < kMaxProj; ++k) proj[k] = 0.f;
+    for (int64_t j = t; j < nvec; j += group) {
+      const int64_t i = j * VEC;
+      float v[VEC];
+      compute_h<T, VEC>(p, row, i, nullptr, v);
+#pragma unroll
+      for (int k = 0; k < kMaxProj; ++k)
+        if (k < p.S) proj[k] = dot_acc<VEC>(proj[k], v, p.gate + k * p.dim + i);
+    }
+    group_sum(proj, p.S, scratch, warps);
+    float* gated = gated_rows[g];
+    if (t == 0) {
+      const float* thr = p.gate_thr + row * p.S;
+#pragma unroll
+      for (int k = 0; k < kMaxProj; ++k)
+        if (k < p.S) gated[k] = proj[k] > thr[k] ? coef[k] : 0.f;
+    }
+    if (warps > 1) {
+      __syncthreads();
+    } else {
+      __syncwarp();
+    }
+    coef = gated;
+  }
 
   if (cache != nullptr) {
     for (int64_t j = t; j < nvec; j += group) {
       float v[VEC];
-      compute_h<T, VEC>(p, row, j * VEC, v);
+      compute_h<T, VEC>(p, row, j * VEC, coef, v);
       store_f<VEC>(cache + j * VEC, v);
     }
   }
@@ -142,7 +177,7 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Args<T> p) {
       if (cache != nullptr) {
         load_f<VEC>(cache + i, v);
       } else {
-        compute_h<T, VEC>(p, row, i, v);
+        compute_h<T, VEC>(p, row, i, coef, v);
       }
 #pragma unroll
       for (int k = 0; k < kMaxProj; ++k)
@@ -176,7 +211,7 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Args<T> p) {
     if (cache != nullptr) {
       load_f<VEC>(cache + i, v);
     } else {
-      compute_h<T, VEC>(p, row, i, v);
+      compute_h<T, VEC>(p, row, i, coef, v);
       if (p.C > 0) apply_clamp<T, VEC>(p, i, ex, v);
     }
   };
@@ -283,6 +318,8 @@ cudaError_t dispatch(const RowsParams& rp, cudaStream_t stream) {
   p.normed = static_cast<T*>(rp.normed);
   p.steer = rp.steer;
   p.coef = rp.coef;
+  p.gate = rp.num_steer > 0 ? rp.gate : nullptr;
+  p.gate_thr = rp.gate_thr;
   p.clamp = rp.clamp;
   p.lo = rp.clamp_lo;
   p.hi = rp.clamp_hi;
@@ -300,7 +337,7 @@ cudaError_t dispatch(const RowsParams& rp, cudaStream_t stream) {
   // 16-byte accesses need every row start aligned: the base pointers and a dim that is a
   // multiple of the vector width (then fp32 vector rows, 4 bytes an element, align too).
   constexpr int kVec = 16 / sizeof(T);
-  const void* ptrs[] = {rp.a, rp.b, rp.weight, rp.out, rp.normed, rp.steer, rp.clamp, rp.readout};
+  const void* ptrs[] = {rp.a, rp.b, rp.weight, rp.out, rp.normed, rp.steer, rp.clamp, rp.readout, p.gate};
   bool vec = rp.dim % kVec == 0;
   for (const void* ptr : ptrs) vec = vec && aligned16(ptr);  // null is aligned
   return vec ? launch_typed<T, kVec>(p, stream) : launch_typed<T, 1>(p, stream);
@@ -312,6 +349,7 @@ cudaError_t launch_rows(const RowsParams& p, cudaStream_t stream) {
   if (p.rows < 0 || p.dim < 0 || p.num_steer < 0 || p.num_clamp < 0 || p.num_readout < 0 ||
       p.num_clamp > kMaxProj || p.a == nullptr || (p.normed != nullptr && p.weight == nullptr) ||
       (p.num_steer > 0 && (p.steer == nullptr || p.coef == nullptr)) ||
+      (p.num_steer > 0 && p.gate != nullptr && (p.num_steer > kMaxProj || p.gate_thr == nullptr)) ||
       (p.num_clamp > 0 && (p.clamp == nullptr || p.clamp_lo == nullptr || p.clamp_hi == nullptr)) ||
       (p.num_readout > 0 && (p.readout == nullptr || p.readings == nullptr))) {
     return cudaErrorInvalidValue;

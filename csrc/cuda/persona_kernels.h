@@ -18,7 +18,9 @@ constexpr int kMaxProj = 8;
 // One launch serves all four ops of personakern/backends/native.py, which are special cases
 // of one row pipeline:
 //   h   = round(a + b)                        (b optional; the sum is exact in fp32)
-//   h32 = float(h) + coef[n, :] @ steer       (S may be 0)
+//   h32 = float(h) + coef'[n, :] @ steer      (S may be 0)
+//         coef'[n, s] = coef[n, s] if <float(h), gate_s> > gate_thr[n, s] (when gate is
+//         given; S <= kMaxProj then), else coef[n, s]
 //   h32 -= sum_k (p_k - clamp(p_k, lo, hi)) c_k,  p_k = <h32, c_k> before any subtraction
 //   readings[n, m] = <h32, readout_m>;  out = round(h32)
 //   normed = rmsnorm(float(out)) * w   (llama) or * (1 + w) (gemma), when weight is given.
@@ -40,6 +42,8 @@ struct RowsParams {
   const float* steer = nullptr;
   const float* coef = nullptr;
   int32_t num_steer = 0;
+  const float* gate = nullptr;      // [S, dim] unit vectors, or null (unconditional steering)
+  const float* gate_thr = nullptr;  // [rows, S]
   const float* clamp = nullptr;
   const float* clamp_lo = nullptr;
   const float* clamp_hi = nullptr;
@@ -50,7 +54,7 @@ struct RowsParams {
 };
 
 // Enqueues the kernel on `stream`. Returns cudaErrorInvalidValue for inconsistent
-// parameters (num_clamp > kMaxProj, a missing pointer for a nonzero count) and otherwise the
+// parameters (num_clamp > kMaxProj, gated num_steer > kMaxProj, a missing pointer for a nonzero count) and otherwise the
 // launch status.
 cudaError_t launch_rows(const RowsParams& p, cudaStream_t stream);
 

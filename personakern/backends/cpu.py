@@ -200,9 +200,11 @@ def steer_project(
     clamp_lo: Optional[Tensor] = None,
     clamp_hi: Optional[Tensor] = None,
     readout: Optional[Tensor] = None,
+    gate_vecs: Optional[Tensor] = None,
+    gate_thr: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     return _require().steer_project(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo,
-                                     clamp_hi, readout)
+                                     clamp_hi, readout, gate_vecs, gate_thr)
 
 
 def add_rms_norm(residual: Tensor, x: Tensor, weight: Tensor, eps: float,
@@ -222,6 +224,9 @@ def add_rms_norm_steer_project(
     clamp_lo: Optional[Tensor] = None,
     clamp_hi: Optional[Tensor] = None,
     readout: Optional[Tensor] = None,
+    gate_vecs: Optional[Tensor] = None,
+    gate_thr: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     return _require().add_rms_norm_steer_project(residual, x, weight, eps, gemma, steer_vecs, coef,
-                                                 clamp_vecs, clamp_lo, clamp_hi, readout)
+                                                 clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs,
+                                                 gate_thr)

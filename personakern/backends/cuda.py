@@ -162,7 +162,8 @@ def unavailable_reason() -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------- calls
-def _fused(a: Tensor, b: Optional[Tensor], weight: Optional[Tensor], clamp_vecs: Optional[Tensor]):
+def _fused(a: Tensor, b: Optional[Tensor], weight: Optional[Tensor], clamp_vecs: Optional[Tensor],
+           gated_steer: Optional[Tensor] = None):
     """The extension when the kernel reproduces native for these tensors, else None (native
     runs: other devices and dtypes, what native would broadcast or promote, autograd)."""
     if not a.is_cuda or a.dtype not in _DTYPES or a.dim() == 0 or a.numel() == 0:
@@ -178,7 +179,14 @@ def _fused(a: Tensor, b: Optional[Tensor], weight: Optional[Tensor], clamp_vecs:
         raise RuntimeError(f"personakern cuda backend unavailable: {_state['reason']}")
     if clamp_vecs is not None and clamp_vecs.shape[0] > ext.max_clamp:
         return None
+    if gated_steer is not None and gated_steer.shape[0] > ext.max_clamp:
+        return None  # the gate projections share the kernel's register budget with clamping
     return ext
+
+
+def _gated(steer_vecs, gate_vecs):
+    """The steering vectors when their steering is conditional (gate given), else None."""
+    return steer_vecs if steer_vecs is not None and gate_vecs is not None else None
 
 
 def _f32(t: Optional[Tensor], device) -> Optional[Tensor]:
@@ -196,7 +204,7 @@ def _per_row(t: Optional[Tensor], rows: int, device) -> Optional[Tensor]:
 
 
 def _run(ext, a, b, weight, eps, gemma, want_out, steer_vecs=None, coef=None, clamp_vecs=None,
-         clamp_lo=None, clamp_hi=None, readout=None):
+         clamp_lo=None, clamp_hi=None, readout=None, gate_vecs=None, gate_thr=None):
     """Runs the kernel on ``[..., D]`` rows; returns (out, normed, readings) in the leading
     shape of ``a``, None for what was not asked for."""
     shape = a.shape
@@ -204,15 +212,17 @@ def _run(ext, a, b, weight, eps, gemma, want_out, steer_vecs=None, coef=None, cl
     rows, dev = a2.shape[0], a2.device
     b2 = None if b is None else b.reshape(-1, shape[-1]).contiguous()
     w = None if weight is None else weight.contiguous()
-    steer = coef2 = None
+    steer = coef2 = gate = thr = None
     if steer_vecs is not None:
         steer, coef2 = _f32(steer_vecs, dev), _per_row(coef, rows, dev)
+        if gate_vecs is not None:
+            gate, thr = _f32(gate_vecs, dev), _per_row(gate_thr, rows, dev)
     clamp = lo = hi = None
     if clamp_vecs is not None:
         clamp, lo, hi = _f32(clamp_vecs, dev), _per_row(clamp_lo, rows, dev), _per_row(clamp_hi, rows, dev)
     read = _f32(readout, dev)
     out, normed, readings = ext.rows(a2, b2, w, float(eps), bool(gemma), want_out, steer, coef2,
-                                     clamp, lo, hi, read)
+                                     clamp, lo, hi, read, gate, thr)
     return (out.view(shape) if want_out else None,
             None if weight is None else normed.view(shape),
             None if readout is None else readings.view(*shape[:-1], readings.shape[-1]))
@@ -235,13 +245,16 @@ def steer_project(
     clamp_lo: Optional[Tensor] = None,
     clamp_hi: Optional[Tensor] = None,
     readout: Optional[Tensor] = None,
+    gate_vecs: Optional[Tensor] = None,
+    gate_thr: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """See :func:`personakern.backends.native.steer_project`."""
-    ext = _fused(hidden, delta, None, clamp_vecs)
+    ext = _fused(hidden, delta, None, clamp_vecs, _gated(steer_vecs, gate_vecs))
     if ext is None:
-        return native.steer_project(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout)
+        return native.steer_project(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
+                                    gate_vecs, gate_thr)
     out, _, readings = _run(ext, hidden, delta, None, 0.0, False, True, steer_vecs, coef, clamp_vecs,
-                            clamp_lo, clamp_hi, readout)
+                            clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
     return out, readings
 
 
@@ -267,12 +280,14 @@ def add_rms_norm_steer_project(
     clamp_lo: Optional[Tensor] = None,
     clamp_hi: Optional[Tensor] = None,
     readout: Optional[Tensor] = None,
+    gate_vecs: Optional[Tensor] = None,
+    gate_thr: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """See :func:`personakern.backends.native.add_rms_norm_steer_project`."""
-    ext = _fused(residual, x, weight, clamp_vecs)
+    ext = _fused(residual, x, weight, clamp_vecs, _gated(steer_vecs, gate_vecs))
     if ext is None:
         return native.add_rms_norm_steer_project(residual, x, weight, eps, gemma, steer_vecs, coef,
-                                                 clamp_vecs, clamp_lo, clamp_hi, readout)
+                                                 clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
     r, normed, readings = _run(ext, residual, x, weight, eps, gemma, True, steer_vecs, coef, clamp_vecs,
-                               clamp_lo, clamp_hi, readout)
+                               clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
     return normed, r, readings

@@ -51,12 +51,18 @@ def steer_project(
     clamp_lo: Optional[Tensor] = None,
     clamp_hi: Optional[Tensor] = None,
     readout: Optional[Tensor] = None,
+    gate_vecs: Optional[Tensor] = None,
+    gate_thr: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Residual add, steering, clamping and projection readout of ``[N, D]`` rows.
 
     - ``h = hidden + delta`` (``delta`` is the sublayer output; optional)
     - ``h += coef @ steer_vecs``: ``steer_vecs [S, D]``, ``coef [N, S]`` (zeros switch a vector
       off for a row, which is how padding and prompt/response masks are expressed)
+    - conditional steering (optional): with unit ``gate_vecs [S, D]`` and ``gate_thr [N, S]``,
+      steering vector ``s`` is added to row ``n`` only where ``<h, g_s> > gate_thr[n, s]``, the
+      projection taken on ``h`` before any steering. ``-inf`` makes a vector unconditional
+      (a NaN projection never passes).
     - clamp the projection of ``h`` on each unit vector ``c_k`` (``clamp_vecs [C, D]``) into
       ``[clamp_lo[n, k], clamp_hi[n, k]]``: ``h -= (p - clamp(p, lo, hi)) * c_k``.
       Capping is ``lo=-inf, hi=tau``; ablation is ``lo=hi=0``; ``(-inf, inf)`` is a no-op.
@@ -71,7 +77,7 @@ def steer_project(
     dtype = h.dtype
     h32 = _acc(h)
     if steer_vecs is not None:
-        h32 = h32 + _acc(coef) @ _acc(steer_vecs)
+        h32 = h32 + gated_coef(h32, coef, gate_vecs, gate_thr) @ _acc(steer_vecs)
     if clamp_vecs is not None:
         c = _acc(clamp_vecs)
         p = h32 @ c.t()
@@ -79,6 +85,17 @@ def steer_project(
         h32 = h32 - excess @ c
     readings = None if readout is None else (h32 @ _acc(readout).t()).float()
     return h32.to(dtype), readings
+
+
+def gated_coef(h32: Tensor, coef: Tensor, gate_vecs: Optional[Tensor], gate_thr: Optional[Tensor]) -> Tensor:
+    """``coef`` with the entries whose gate is closed set to zero (``h32`` before steering)."""
+    coef = _acc(coef)
+    if gate_vecs is None:
+        return coef
+    if gate_thr is None:
+        raise ValueError("gate_vecs needs gate_thr [N, S]")
+    p = h32 @ _acc(gate_vecs).t()
+    return torch.where(p > _acc(gate_thr), coef, torch.zeros_like(coef))
 
 
 def add_rms_norm(residual: Tensor, x: Tensor, weight: Tensor, eps: float,
@@ -100,10 +117,13 @@ def add_rms_norm_steer_project(
     clamp_lo: Optional[Tensor] = None,
     clamp_hi: Optional[Tensor] = None,
     readout: Optional[Tensor] = None,
+    gate_vecs: Optional[Tensor] = None,
+    gate_thr: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``steer_project(residual, x, ...)`` followed by the RMSNorm of the result.
 
     Returns ``(normed, residual_out, readings)``.
     """
-    r, readings = steer_project(residual, x, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout)
+    r, readings = steer_project(residual, x, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
+                                gate_vecs, gate_thr)
     return rms_norm(r, weight, eps, gemma), r, readings

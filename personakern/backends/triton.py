@@ -65,10 +65,12 @@ def _native_needed(d: int, *tensors: Optional[Tensor]) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
-def _check_groups(steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi) -> None:
+def _check_groups(steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, gate_vecs=None, gate_thr=None) -> None:
     # native would fail on these too; the kernel would read a stand-in pointer instead
     if steer_vecs is not None and coef is None:
         raise ValueError("steer_vecs needs coef [N, S]")
+    if steer_vecs is not None and gate_vecs is not None and gate_thr is None:
+        raise ValueError("gate_vecs needs gate_thr [N, S]")
     if clamp_vecs is not None and (clamp_lo is None or clamp_hi is None):
         raise ValueError("clamp_vecs needs clamp_lo and clamp_hi [N, C]")
 
@@ -94,21 +96,25 @@ def steer_project(
     clamp_lo: Optional[Tensor] = None,
     clamp_hi: Optional[Tensor] = None,
     readout: Optional[Tensor] = None,
+    gate_vecs: Optional[Tensor] = None,
+    gate_thr: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     d = hidden.shape[-1]
     if _native_needed(d, hidden, delta, steer_vecs, clamp_vecs):
-        return native.steer_project(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout)
-    _check_groups(steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi)
+        return native.steer_project(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
+                                    gate_vecs, gate_thr)
+    _check_groups(steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, gate_vecs, gate_thr)
     h2 = hidden.reshape(-1, d)
     if h2.shape[0] == 0:
-        return native.steer_project(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout)
+        return native.steer_project(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
+                                    gate_vecs, gate_thr)
     d2 = None
     h_dtype = hidden.dtype
     if delta is not None:
         d2 = delta.reshape(-1, d)
         h_dtype = torch.promote_types(hidden.dtype, delta.dtype)
     _, h, readings = _ops.rows(h2, d2, h_dtype, True, None, None, 0.0, False,
-                               steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout)
+                               steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
     return h.view(hidden.shape), readings
 
 
@@ -138,18 +144,20 @@ def add_rms_norm_steer_project(
     clamp_lo: Optional[Tensor] = None,
     clamp_hi: Optional[Tensor] = None,
     readout: Optional[Tensor] = None,
+    gate_vecs: Optional[Tensor] = None,
+    gate_thr: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     d = x.shape[-1]
     if _native_needed(d, residual, x, weight, steer_vecs, clamp_vecs):
         return native.add_rms_norm_steer_project(residual, x, weight, eps, gemma, steer_vecs, coef,
-                                                 clamp_vecs, clamp_lo, clamp_hi, readout)
-    _check_groups(steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi)
+                                                 clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
+    _check_groups(steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, gate_vecs, gate_thr)
     r2 = residual.reshape(-1, d)
     if r2.shape[0] == 0:
         return native.add_rms_norm_steer_project(residual, x, weight, eps, gemma, steer_vecs, coef,
-                                                 clamp_vecs, clamp_lo, clamp_hi, readout)
+                                                 clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
     h_dtype = torch.promote_types(residual.dtype, x.dtype)
     y_dtype = h_dtype if gemma else torch.promote_types(weight.dtype, h_dtype)
     y, h, readings = _ops.rows(r2, x.reshape(-1, d), h_dtype, True, weight, y_dtype, eps, gemma,
-                               steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout)
+                               steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
     return y.view(residual.shape), h.view(residual.shape), readings

@@ -4,7 +4,7 @@ Every op is the same row pipeline with parts switched off by constexpr flags, so
 kernel to keep numerically faithful to :mod:`personakern.backends.native`:
 
     h   = round(x + delta)                 (one rounding of the sum, as torch's add does)
-    h32 = float(h) + sum_s coef[s] * V[s]
+    h32 = float(h) + sum_s gate_s(h) * coef[s] * V[s]   (gate_s: <h, g_s> > thr[s], or 1)
     h32 -= sum_k (p_k - clamp(p_k)) * c_k  (every p_k taken from the same, steered h32)
     readings[m] = <h32, u_m>
     h   = round(h32)                        (stored as the residual stream)
@@ -34,12 +34,12 @@ MAX_D = 16384
 @triton.jit
 def _rows_kernel(
     x_ptr, d_ptr, h_ptr, y_ptr, w_ptr,
-    v_ptr, coef_ptr, c_ptr, lo_ptr, hi_ptr, u_ptr, read_ptr,
+    v_ptr, coef_ptr, c_ptr, lo_ptr, hi_ptr, u_ptr, read_ptr, g_ptr, gt_ptr,
     D, S, C, M,
     sx0, sx1, sd0, sd1, sv0, sv1, sa0, sa1, sc0, sc1,
-    slo0, slo1, shi0, shi1, su0, su1, sw,
+    slo0, slo1, shi0, shi1, su0, su1, sg0, sg1, sgt0, sgt1, sw,
     eps,
-    HAS_DELTA: tl.constexpr, STORE_H: tl.constexpr, HAS_STEER: tl.constexpr,
+    HAS_DELTA: tl.constexpr, STORE_H: tl.constexpr, HAS_STEER: tl.constexpr, HAS_GATE: tl.constexpr,
     HAS_CLAMP: tl.constexpr, HAS_READ: tl.constexpr, HAS_NORM: tl.constexpr,
     GEMMA: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -59,6 +59,11 @@ def _rows_kernel(
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for s in range(S):
             a = tl.load(coef_ptr + row * sa0 + s * sa1).to(tl.float32)
+            if HAS_GATE:
+                # the condition is read on h before any steering (acc is kept apart from h)
+                g = tl.load(g_ptr + s * sg0 + cols * sg1, mask=mask, other=0.0).to(tl.float32)
+                thr = tl.load(gt_ptr + row * sgt0 + s * sgt1).to(tl.float32)
+                a = tl.where(tl.sum(h * g, axis=0) > thr, a, 0.0)
             v = tl.load(v_ptr + s * sv0 + cols * sv1, mask=mask, other=0.0).to(tl.float32)
             acc += a * v
         h = h + acc
@@ -134,6 +139,8 @@ def rows(
     clamp_lo: Optional[Tensor] = None,
     clamp_hi: Optional[Tensor] = None,
     readout: Optional[Tensor] = None,
+    gate_vecs: Optional[Tensor] = None,
+    gate_thr: Optional[Tensor] = None,
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Run the row pipeline on 2-D ``[N, D]`` inputs; returns ``(y, h, readings)``.
 
@@ -142,6 +149,10 @@ def rows(
     """
     n, d = x.shape
     block, warps = _launch_config(d)
+    if steer_vecs is not None and gate_vecs is not None:
+        gate_thr = torch.broadcast_to(gate_thr, (n, gate_vecs.shape[0]))  # stride 0 where broadcast
+    else:
+        gate_vecs = gate_thr = None
     h = torch.empty((n, d), dtype=h_dtype, device=x.device) if store_h else None
     y = torch.empty((n, d), dtype=y_dtype, device=x.device) if weight is not None else None
     m = 0
@@ -158,15 +169,17 @@ def rows(
         clamp_vecs if clamp_vecs is not None else x,
         clamp_lo if clamp_lo is not None else x, clamp_hi if clamp_hi is not None else x,
         readout if readout is not None else x, readings if readings is not None else x,
+        gate_vecs if gate_vecs is not None else x, gate_thr if gate_thr is not None else x,
         d,
         steer_vecs.shape[0] if steer_vecs is not None else 0,
         clamp_vecs.shape[0] if clamp_vecs is not None else 0,
         m,
         *_s(x), *_s(delta), *_s(steer_vecs), *_s(coef), *_s(clamp_vecs),
-        *_s(clamp_lo), *_s(clamp_hi), *_s(readout),
+        *_s(clamp_lo), *_s(clamp_hi), *_s(readout), *_s(gate_vecs), *_s(gate_thr),
         weight.stride(0) if weight is not None else 0,
         float(eps),
         HAS_DELTA=delta is not None, STORE_H=store_h, HAS_STEER=steer_vecs is not None,
+        HAS_GATE=steer_vecs is not None and gate_vecs is not None,
         HAS_CLAMP=clamp_vecs is not None, HAS_READ=readout is not None,
         HAS_NORM=weight is not None, GEMMA=bool(gemma), BLOCK_D=block,
         num_warps=warps,

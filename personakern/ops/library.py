@@ -33,23 +33,25 @@ def _readings_or_empty(readings: Optional[Tensor], rows: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- backward pieces
-def _clamp_active(h: Tensor, steer_vecs, coef, clamp_vecs, lo, hi) -> Tensor:
+def _clamp_active(h: Tensor, steer_vecs, coef, clamp_vecs, lo, hi, gate_vecs=None, gate_thr=None) -> Tensor:
     """[N, C] mask of the clamp constraints that were binding in the forward."""
+    from ..backends.native import gated_coef
     h32 = _acc(h)
     if steer_vecs is not None:
-        h32 = h32 + _acc(coef) @ _acc(steer_vecs)
+        h32 = h32 + gated_coef(h32, coef, gate_vecs, gate_thr) @ _acc(steer_vecs)
     p = h32 @ _acc(clamp_vecs).t()
     return ((p < lo) | (p > hi)).float()
 
 
-def _steer_grad(g: Tensor, h: Tensor, steer_vecs, coef, clamp_vecs, lo, hi) -> Tensor:
+def _steer_grad(g: Tensor, h: Tensor, steer_vecs, coef, clamp_vecs, lo, hi, gate_vecs=None, gate_thr=None) -> Tensor:
     """Vector-Jacobian product of the steered output w.r.t. the summed input ``h``.
 
     The Jacobian is ``I - sum_k a_k c_k c_k^T`` (a_k: constraint k was binding), steering
-    vectors being constants."""
+    vectors being constants (a gate is a step function of ``h``: zero derivative almost
+    everywhere)."""
     if clamp_vecs is None or clamp_vecs.shape[0] == 0:
         return g
-    active = _clamp_active(h, steer_vecs, coef, clamp_vecs, lo, hi)
+    active = _clamp_active(h, steer_vecs, coef, clamp_vecs, lo, hi, gate_vecs, gate_thr)
     c = _acc(clamp_vecs)
     g32 = _acc(g)
     return (g32 - ((g32 @ c.t()) * active) @ c).to(g.dtype)
@@ -96,25 +98,27 @@ def register(prefix: str, kernels: SimpleNamespace, fast_path: Callable[[], bool
     @torch.library.custom_op(f"{lib}::{prefix}_steer_project", mutates_args=())
     def steer_op(hidden: Tensor, delta: Optional[Tensor], steer_vecs: Optional[Tensor], coef: Optional[Tensor],
                  clamp_vecs: Optional[Tensor], clamp_lo: Optional[Tensor], clamp_hi: Optional[Tensor],
-                 readout: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        out, readings = kernels.steer_project(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout)
+                 readout: Optional[Tensor], gate_vecs: Optional[Tensor] = None,
+                 gate_thr: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        out, readings = kernels.steer_project(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
+                                              gate_vecs, gate_thr)
         return out, _readings_or_empty(readings, hidden)
 
     @steer_op.register_fake
-    def _(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout):
+    def _(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs=None, gate_thr=None):
         m = 0 if readout is None else readout.shape[0]
         return torch.empty_like(hidden), hidden.new_empty((hidden.shape[0], m), dtype=torch.float32)
 
     def steer_setup(ctx, inputs, output):
-        hidden, delta, steer_vecs, coef, clamp_vecs, lo, hi, _ = inputs
+        hidden, delta, steer_vecs, coef, clamp_vecs, lo, hi, _, gate_vecs, gate_thr = inputs
         ctx.has_delta = delta is not None
-        ctx.save_for_backward(hidden, delta, steer_vecs, coef, clamp_vecs, lo, hi)
+        ctx.save_for_backward(hidden, delta, steer_vecs, coef, clamp_vecs, lo, hi, gate_vecs, gate_thr)
 
     def steer_backward(ctx, g, g_readings):
-        hidden, delta, steer_vecs, coef, clamp_vecs, lo, hi = ctx.saved_tensors
+        hidden, delta, steer_vecs, coef, clamp_vecs, lo, hi, gate_vecs, gate_thr = ctx.saved_tensors
         h = hidden if delta is None else hidden + delta
-        gh = _steer_grad(g, h, steer_vecs, coef, clamp_vecs, lo, hi)
-        return gh, (gh if ctx.has_delta else None), None, None, None, None, None, None
+        gh = _steer_grad(g, h, steer_vecs, coef, clamp_vecs, lo, hi, gate_vecs, gate_thr)
+        return gh, (gh if ctx.has_delta else None), None, None, None, None, None, None, None, None
 
     steer_op.register_autograd(steer_backward, setup_context=steer_setup)
 
@@ -143,27 +147,31 @@ def register(prefix: str, kernels: SimpleNamespace, fast_path: Callable[[], bool
     def fused_op(residual: Tensor, x: Tensor, weight: Tensor, eps: float, gemma: bool,
                  steer_vecs: Optional[Tensor], coef: Optional[Tensor], clamp_vecs: Optional[Tensor],
                  clamp_lo: Optional[Tensor], clamp_hi: Optional[Tensor],
-                 readout: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                 readout: Optional[Tensor], gate_vecs: Optional[Tensor] = None,
+                 gate_thr: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         normed, r, readings = kernels.add_rms_norm_steer_project(
-            residual, x, weight, eps, gemma, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout)
+            residual, x, weight, eps, gemma, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
+            gate_vecs, gate_thr)
         return normed, r, _readings_or_empty(readings, residual)
 
     @fused_op.register_fake
-    def _(residual, x, weight, eps, gemma, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout):
+    def _(residual, x, weight, eps, gemma, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
+          gate_vecs=None, gate_thr=None):
         m = 0 if readout is None else readout.shape[0]
         return (torch.empty_like(residual), torch.empty_like(residual),
                 residual.new_empty((residual.shape[0], m), dtype=torch.float32))
 
     def fused_setup(ctx, inputs, output):
-        residual, x, weight, eps, gemma, steer_vecs, coef, clamp_vecs, lo, hi, _ = inputs
+        residual, x, weight, eps, gemma, steer_vecs, coef, clamp_vecs, lo, hi, _, gate_vecs, gate_thr = inputs
         ctx.eps, ctx.gemma = eps, gemma
-        ctx.save_for_backward(residual, x, output[1], weight, steer_vecs, coef, clamp_vecs, lo, hi)
+        ctx.save_for_backward(residual, x, output[1], weight, steer_vecs, coef, clamp_vecs, lo, hi,
+                              gate_vecs, gate_thr)
 
     def fused_backward(ctx, g_normed, g_r, g_readings):
-        residual, x, r, weight, steer_vecs, coef, clamp_vecs, lo, hi = ctx.saved_tensors
+        residual, x, r, weight, steer_vecs, coef, clamp_vecs, lo, hi, gate_vecs, gate_thr = ctx.saved_tensors
         gr, gw = _rms_norm_grad(g_normed, r, weight, ctx.eps, ctx.gemma)
-        gh = _steer_grad(gr + g_r, residual + x, steer_vecs, coef, clamp_vecs, lo, hi)
-        return gh, gh, gw, None, None, None, None, None, None, None, None
+        gh = _steer_grad(gr + g_r, residual + x, steer_vecs, coef, clamp_vecs, lo, hi, gate_vecs, gate_thr)
+        return gh, gh, gw, None, None, None, None, None, None, None, None, None, None
 
     fused_op.register_autograd(fused_backward, setup_context=fused_setup)
 
@@ -179,10 +187,12 @@ def register(prefix: str, kernels: SimpleNamespace, fast_path: Callable[[], bool
         return rms_norm_op(x, weight, eps, gemma)
 
     def steer_project(hidden, delta=None, steer_vecs=None, coef=None, clamp_vecs=None, clamp_lo=None,
-                      clamp_hi=None, readout=None):
+                      clamp_hi=None, readout=None, gate_vecs=None, gate_thr=None):
         if _direct(hidden, delta):
-            return kernels.steer_project(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout)
-        out, readings = steer_op(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout)
+            return kernels.steer_project(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
+                                         gate_vecs, gate_thr)
+        out, readings = steer_op(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
+                                 gate_vecs, gate_thr)
         return out, (None if readout is None else readings)
 
     def add_rms_norm(residual, x, weight, eps, gemma=False):
@@ -191,12 +201,13 @@ def register(prefix: str, kernels: SimpleNamespace, fast_path: Callable[[], bool
         return add_norm_op(residual, x, weight, eps, gemma)
 
     def add_rms_norm_steer_project(residual, x, weight, eps, gemma=False, steer_vecs=None, coef=None,
-                                   clamp_vecs=None, clamp_lo=None, clamp_hi=None, readout=None):
+                                   clamp_vecs=None, clamp_lo=None, clamp_hi=None, readout=None,
+                                   gate_vecs=None, gate_thr=None):
         if _direct(residual, x, weight):
             return kernels.add_rms_norm_steer_project(residual, x, weight, eps, gemma, steer_vecs, coef,
-                                                      clamp_vecs, clamp_lo, clamp_hi, readout)
+                                                      clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
         normed, r, readings = fused_op(residual, x, weight, eps, gemma, steer_vecs, coef, clamp_vecs,
-                                       clamp_lo, clamp_hi, readout)
+                                       clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
         return normed, r, (None if readout is None else readings)
 
     return SimpleNamespace(rms_norm=rms_norm, steer_project=steer_project, add_rms_norm=add_rms_norm,
