@@ -190,6 +190,17 @@ def test_malformed_lines_skip_or_stop(tiny, tok, tmp_path):
         screen(tiny, tok, data, vs, tmp_path / "o4", ScreenSettings(traits=["evil"], progress=False))
 
 
+def test_nan_model_is_a_clear_error(tok, tmp_path):
+    model = tiny_llama_for(tok, 2, seed=2)
+    vs = make_vectors(model, layers=(0, 1))
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS)
+    with pytest.raises(ValueError, match="non-finite activations .* lines 1-7"):
+        screen(model, tok, data, vs, tmp_path / "o", ScreenSettings(approx_only=True, progress=False))
+    assert not list((tmp_path / "o" / "chunks").iterdir()) and not (tmp_path / "o" / "ranked.jsonl").exists()
+
+
 def test_resume_after_interruption(tiny, tok, tmp_path, monkeypatch):
     vs = make_vectors(tiny)
     data = write_jsonl(tmp_path / "d.jsonl", RECORDS * 3)          # 21 samples

@@ -101,6 +101,11 @@ def test_shift_errors(pair, tok, tmp_path):
     vs = vectors_for(base)
     with pytest.raises(ShiftError, match="not the same architecture .*num_hidden_layers: base has 3, finetuned has 2"):
         fine_tuning_shift((base, tok), (other, tok), vs, PROMPTS)
+    broken = tiny_llama_for(tok, 3, seed=0)
+    with torch.no_grad():
+        broken.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite activations"):
+        fine_tuning_shift((base, tok), (broken, tok), vs, PROMPTS)
     with pytest.raises(ShiftError, match="no trait 'evil'"):
         fine_tuning_shift((base, tok), (base, tok), vs, PROMPTS, traits=["evil"])
     with pytest.raises(ShiftError, match="no built-in spec"):

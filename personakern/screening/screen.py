@@ -175,9 +175,10 @@ def _process_chunk(model, tok, c: int, samples: Sequence[Sample], first_key: int
             b, _ = project_sequences(model, [(prompts[i] + base_ids[i], len(prompts[i])) for i in have],
                                      units, s.batch_size)
             base[have] = b
-    if not (torch.isfinite(resp).all() and torch.isfinite(last).all()):
-        raise ValueError(f"chunk {c}: non-finite activations (lines {samples[0].line}-{samples[-1].line}); "
-                                 f"the model produced NaN/Inf")
+    answered = ~torch.isnan(base)          # NaN only where the base answer was empty
+    if not (torch.isfinite(resp).all() and torch.isfinite(last).all() and torch.isfinite(base[answered]).all()):
+        raise ValueError(f"non-finite activations (NaN/Inf) from the model on lines {samples[0].line}-"
+                         f"{samples[-1].line}; nothing was written for them")
     num = lambda v: None if v != v else float(v)
     rows = []
     for i, x in enumerate(samples):
