@@ -2,8 +2,9 @@
 
 One tiny random Llama with SmolLM2's tokenizer, the built-in `evil` spec cut to 3 questions,
 the likelihood judge on the same model (it scores any model; on this one the trait scores
-straddle 50, so the filter keeps about half of each side). Sizes give several generation
-batches, two judge chunks (64 + rest) and five sweep cells, so each rank has work of every kind.
+straddle 50, so the filter keeps about half of each side). Sizes give five generation batches
+of answers (the extra held-out answers fit in one), two judge chunks (64 + 14) and five sweep
+cells, so each rank generates, judges and steers.
 """
 from __future__ import annotations
 
