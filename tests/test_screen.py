@@ -247,9 +247,9 @@ def test_streaming_memory_does_not_grow_with_file_size(tok, tmp_path):
     model = tiny_llama_for(tok, 2, seed=1)
     vs = make_vectors(model, layers=(0, 1))
     st = ScreenSettings(approx_only=True, batch_size=64, chunk_batches=4, progress=False)
-    screen(model, tok, _synthetic(tmp_path / "warm.jsonl", 300), vs, tmp_path / "warm", st)  # imports, caches
+    screen(model, tok, _synthetic(tmp_path / "warm.jsonl", 100), vs, tmp_path / "warm", st)  # imports, caches
     peaks = {}
-    for n in (2000, 10000):
+    for n in (1000, 10000):
         data = _synthetic(tmp_path / f"d{n}.jsonl", n)
         tracemalloc.start()
         s = screen(model, tok, data, vs, tmp_path / f"o{n}", st)
@@ -257,8 +257,9 @@ def test_streaming_memory_does_not_grow_with_file_size(tok, tmp_path):
         tracemalloc.stop()
         assert s["samples"] == n
     assert len(read_ranked(tmp_path / "o10000")) == 10000
-    # 5x the samples: a design that kept the rows (or texts) would grow ~5x; allow 25 % noise
-    assert peaks[10000] < 1.25 * peaks[2000] + 512 * 1024, peaks
+    # 10x the samples: ~1.8 MB both (measured); keeping the rows in memory for the ranking
+    # instead of merging the chunk files made 10k peak at 15 MB. Allow 25 % noise.
+    assert peaks[10000] < 1.25 * peaks[1000] + 512 * 1024, peaks
 
 
 def _free_port():

@@ -125,7 +125,7 @@ def test_shift_errors(pair, tok, tmp_path):
 
 def test_shift_cli_two_processes_equal_one(pair, tok, tmp_path):
     base, ft = pair
-    for name, m in (("base", base), ("ft", ft), ("small", tiny_llama_for(tok, 2))):
+    for name, m in (("base", base), ("ft", ft)):
         m.save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
     vs = vectors_for(base)
@@ -142,6 +142,3 @@ def test_shift_cli_two_processes_equal_one(pair, tok, tmp_path):
     for t in vs:
         torch.testing.assert_close(torch.tensor(two["traits"][t]["per_layer"]), torch.tensor(one["traits"][t]["per_layer"]),
                                    atol=1e-6, rtol=1e-5)
-    r = run_cli("shift", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "small"),
-                "--vectors", str(tmp_path / "v.safetensors"), "--questions", str(q))
-    assert r.returncode == 2 and "not the same architecture" in r.stderr
