@@ -104,6 +104,7 @@ def parse_args(argv=None):
     p.add_argument("--pool", type=int, default=12, help="candidate example answers per side for the shots")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--note", default=None, help="a line for results.md (e.g. times of runs split across invocations)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -257,23 +258,27 @@ def analyse(recs, layer, layer_count):
             "variant_means": at["means"]}
 
 
-def scatter(path, setting, per_trait):
+def scatter(path, setting, traits):
+    """One panel per trait: each answer's projection at the vector's block vs its judged score,
+    coloured by variant (most suppressing blue, most eliciting red); big markers are the means."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(per_trait), figsize=(4.6 * len(per_trait), 4.2), squeeze=False)
-    for ax, (trait, (recs, res)) in zip(axes[0], per_trait.items()):
-        layer = res["layer"]
+    traits = {t: v for t, v in traits.items() if setting in v["settings"]}
+    fig, axes = plt.subplots(1, len(traits), figsize=(4.6 * len(traits), 4.3), squeeze=False)
+    cmap = plt.get_cmap("coolwarm")
+    for ax, (trait, v) in zip(axes[0], traits.items()):
+        res = v["settings"][setting]
         order = sorted(res["variant_means"], key=lambda m: m["level"])
-        cmap = plt.get_cmap("coolwarm")
         for i, m in enumerate(order):
             c = cmap(i / max(len(order) - 1, 1))
-            pts = [r for r in recs if r["variant"] == m["group"] and r["trait_score"] is not None]
-            ax.scatter([r["projection"][layer] for r in pts], [r["trait_score"] for r in pts], s=14, color=c, alpha=0.55)
+            pts = [a for a in v["answers"] if a["setting"] == setting and a["variant"] == m["group"]
+                   and a["trait_score"] is not None]
+            ax.scatter([a["projection"] for a in pts], [a["trait_score"] for a in pts], s=14, color=c, alpha=0.55)
             ax.scatter([m["projection"]], [m["score"]], s=90, color=c, edgecolor="black", label=m["group"], zorder=3)
-        ax.set_title(f"{trait} (block {layer}): r = {res['r']:.2f} (n={res['n']}),\n"
-                     f"r over variant means = {res['r_means']:.2f} (n={res['n_variants']})", fontsize=9)
+        ax.set_title(f"{trait} (block {res['layer']}): r = {fmt(res['r'])} (n={res['n']}),\n"
+                     f"r over variant means = {fmt(res['r_means'])} (n={res['n_variants']})", fontsize=9)
         ax.set_xlabel("last-prompt-token projection")
         ax.set_ylabel(f"judged {trait} score")
         ax.grid(alpha=0.3)
@@ -289,24 +294,31 @@ def fmt(x, nd=2):
 
 
 def markdown(results) -> str:
-    a = results["config"]
-    lines = [f"# Monitoring experiment on {results['model']} (benchmarks/monitoring_experiment.py, {results['date']})", "",
-             f"Last-prompt-token projection onto the shipped persona vector vs the judged trait score "
-             f"(judge: {results['judge']}) of the answer that follows. {a['questions']} evaluation questions x "
-             f"{a['samples']} sample(s) per variant, {a['max_new_tokens']} new tokens, temperature {a['temperature']}; "
-             f"system prompt: {len(next(iter(SYSTEM_PROMPTS.values())))} graded prompts; many-shot: k = "
-             f"{', '.join(map(str, a['shots']))} trait-showing{' and trait-avoiding' if a['negative_shots'] else ''} example turns. "
-             f"Wall time of the run that wrote this: {results['seconds'] / 60:.1f} min ({a['threads']} thread(s), 2 shared CPU cores).", "",
+    lines = [f"# Monitoring experiment on {results['model']} (benchmarks/monitoring_experiment.py)", "",
+             f"Last-prompt-token projection onto the shipped persona vector ({results['vectors']}) vs the judged trait "
+             f"score (judge: {results['judge']}) of the answer that follows; sampled at temperature 0.8, top-p 0.95. "
+             "System prompt: 8 graded prompts (s0 most trait-suppressing, s3 neutral, s7 most trait-eliciting). "
+             "Many-shot: no system prompt, k example turns whose answers show the trait (+k) or avoid it (-k).", "",
              "| trait | setting | answers (variants) | r per answer, vector's block [95% CI] | r over variant means | "
              "best block: r per answer (over means) | variant mean score, min – max |", "|---|---|---|---|---|---|---|"]
-    for trait, by_setting in results["traits"].items():
-        for setting, res in by_setting.items():
+    for trait, v in results["traits"].items():
+        for setting, res in v["settings"].items():
             ci = res["ci95"]
             ms = [m["score"] for m in res["variant_means"]]
             lines.append(f"| {trait} | {setting.replace('_', '-')} | {res['n']} ({res['n_variants']}) | "
                          f"{fmt(res['r'])} at block {res['layer']} [{fmt(ci[0]) if ci else '–'}, {fmt(ci[1]) if ci else '–'}] | "
                          f"{fmt(res['r_means'])} | {fmt(res['best_r'])} at block {res['best_layer']} ({fmt(res['best_r_means'])}) | "
                          f"{min(ms):.0f} – {max(ms):.0f} |")
+    lines += ["", "Sizes per trait (evaluation questions x samples per variant, new tokens, shots; wall time of the "
+              "run that generated and judged it, 1 thread on 2 shared CPU cores):", ""]
+    for trait, v in results["traits"].items():
+        c = v["config"]
+        lines.append(f"- {trait}: {c['questions']} x {c['samples']}, {c['max_new_tokens']} tokens, k = "
+                     f"{', '.join(map(str, c['shots']))}{' (+ and -)' if c['negative_shots'] else ' (+ only)'}, "
+                     + (f"{v['cpu_seconds'] / 60:.0f} min CPU, {v['seconds'] / 60:.0f} min wall" if v.get("seconds")
+                        else "time: see the note") + f" ({v['date']})")
+    if results.get("note"):
+        lines += ["", results["note"]]
     lines += ["", "The best block is chosen on these same answers (optimistic). Paper (Chen et al., 2025, larger models, "
               "GPT-4.1-mini judge): r = 0.75–0.83 over per-variant means.", ""]
     return "\n".join(lines)
@@ -320,7 +332,6 @@ def main(argv=None):
     from personakern.judges import make_judge
     from personakern.vectors import load_vectors
 
-    t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache or ROOT / "personakern-runs" / "monitoring")
@@ -329,31 +340,44 @@ def main(argv=None):
     vs = load_vectors(args.vectors, model)
     judge = make_judge(model=model, tokenizer=tok)
     settings = GenSettings(max_new_tokens=args.max_new_tokens, batch_size=16, seed=args.seed)
-    results = {"model": model.config.name_or_path, "judge": getattr(judge, "name", repr(judge)),
-               "date": time.strftime("%Y-%m-%d"), "vectors": os.path.relpath(args.vectors, ROOT),
-               "config": dict(vars(args), **{k: v for k, v in settings.to_dict().items() if k != "batch_size"}),
-               "traits": {}, "examples": {}, "prompts": {}}
-    for k in ("out", "cache", "quiet", "vectors"):
-        results["config"].pop(k)
-    plots = {}
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "cache", "quiet", "traits", "vectors", "note")}
+    config.update({k: v for k, v in settings.to_dict().items() if k != "batch_size"})
+    # results.json accumulates traits (each with its own sizes), so traits can be run separately
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.update(model=model.config.name_or_path, judge=getattr(judge, "name", repr(judge)),
+                   vectors=os.path.relpath(args.vectors, ROOT))
+    results.setdefault("traits", {})
+    if args.note:
+        results["note"] = args.note
     for trait in args.traits:
+        t0, c0 = time.time(), time.process_time()
         recs, examples, prompts = run_trait(trait, model, tok, vs, judge, args, settings, cache_dir)
         layer = int(vs[trait].meta["layer"])
-        results["examples"][trait], results["prompts"][trait] = examples, prompts
-        results["traits"][trait] = {}
+        entry = {"config": config, "date": time.strftime("%Y-%m-%d"), "settings": {},
+                 "prompts": prompts, "examples": examples}
         groups = {"system_prompt": [r for r in recs if r["setting"] == "system_prompt"],
                   "many_shot": [r for r in recs if r["setting"] == "many_shot"], "both": recs}
         for setting, rs in groups.items():
             res = analyse(rs, layer, vs[trait].num_layers)
-            results["traits"][trait][setting] = res
-            plots.setdefault(setting, {})[trait] = (rs, res)
+            entry["settings"][setting] = res
             print(f"{trait:12s} {setting:14s} n={res['n']:3d} r={fmt(res['r'])} (block {layer})  "
                   f"r_means={fmt(res['r_means'])} (n={res['n_variants']})  best block {res['best_layer']}: "
                   f"r={fmt(res['best_r'])}", flush=True)
-    results["seconds"] = round(time.time() - t0, 1)
+        entry["answers"] = [{"setting": r["setting"], "variant": r["variant"], "q": r["q"], "sample": r["sample"],
+                             "projection": r["projection"][layer], "trait_score": r["trait_score"],
+                             "coherence": r["coherence"], "answer": r["answer"]} for r in recs]
+        old = results["traits"].get(trait) or {}
+        # a fully cached rerun (under two minutes) keeps the times of the run that did the work
+        if time.time() - t0 < 120:
+            same = old.get("config") == config
+            entry["seconds"], entry["cpu_seconds"] = (old.get("seconds"), old.get("cpu_seconds")) if same else (None, None)
+        else:
+            entry["seconds"], entry["cpu_seconds"] = round(time.time() - t0, 1), round(time.process_time() - c0, 1)
+        results["traits"][trait] = entry
     for setting in ("system_prompt", "many_shot"):
-        scatter(out / f"monitoring-{setting.replace('_', '-')}.png", setting, plots[setting])
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        scatter(out / f"monitoring-{setting.replace('_', '-')}.png", setting, results["traits"])
+    path.write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(markdown(results))
     print(markdown(results))
 
