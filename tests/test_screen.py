@@ -10,6 +10,7 @@ import sys
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -139,6 +140,14 @@ def test_projection_difference_matches_hand_computed(tiny, tok, tmp_path):
     assert csv_lines[0].startswith("rank,line,id,dP_t0,") and len(csv_lines) == len(RECORDS) + 1
     assert csv_lines[1].split(",")[1] == str(ranked[0]["line"])
     assert (tmp_path / "out" / "histogram.png").stat().st_size > 1000
+    for t in vs:        # the histogram, binned during the merge, against numpy on the ranked values
+        for f in ("dP", "approx"):
+            h = s["histogram"][t][f]
+            vals = [r[f"{f}_{t}"] for r in ranked]
+            assert h["counts"] == np.histogram(vals, bins=np.array(h["edges"]))[0].tolist()
+            both = [r[f"{g}_{t}"] for r in ranked for g in ("dP", "approx")]   # bins shared per trait
+            assert sum(h["counts"]) == len(RECORDS)
+            assert (h["edges"][0], h["edges"][-1]) == (pytest.approx(min(both)), pytest.approx(max(both)))
     # --layer overrides the vectors' blocks
     s0 = screen(tiny, tok, data, vs, tmp_path / "out0",
                 ScreenSettings(layer=0, approx_only=True, batch_size=4, progress=False))

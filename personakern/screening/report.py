@@ -1,9 +1,10 @@
 """Screening outputs from the per-chunk result files, in bounded memory.
 
-Each chunk file holds its rows (scalars only) already sorted by the ranking key; the ranked
-JSONL/CSV is their k-way merge (``heapq.merge``, at most ``FANOUT`` files open at once, in
-passes if there are more), streamed straight to disk. Dataset means come from running sums
-taken during the merge, the histogram from a second streaming pass over the ranked file.
+Each chunk file holds its rows (scalars only) already sorted by the ranking key, and a small
+``.range.json`` beside it the min/max of each column; the ranked JSONL/CSV is their k-way
+merge (``heapq.merge``, at most ``FANOUT`` files open at once, in passes if there are more),
+streamed straight to disk. Dataset means (running sums) and histogram counts (bins fixed
+beforehand from the chunks' ranges) are taken during that same merge.
 """
 from __future__ import annotations
 
@@ -93,10 +94,81 @@ class Stats:
         return {"n": self.n, "mean": mean, "std": math.sqrt(var), "min": self.lo, "max": self.hi}
 
 
-def write_ranked(chunk_files: List[Path], traits: Sequence[str], rank_column: str, out: Path) -> dict:
-    """``ranked.jsonl`` and ``ranked.csv`` in ``out``; returns ``{column: Stats}``."""
+def column_ranges(rows: Sequence[dict], columns: Sequence[str]) -> dict:
+    """``{column: [min, max]}`` of one chunk's rows (written beside the chunk, so rank 0 knows
+    the histogram bins before the merge and bins while merging: no second pass)."""
+    out = {}
+    for c in columns:
+        vals = [r[c] for r in rows if r.get(c) is not None]
+        if vals:
+            out[c] = [min(vals), max(vals)]
+    return out
+
+
+def histogram_edges(range_files: List[Path], traits: Sequence[str], shown: Sequence[str], bins: int = 40) -> dict:
+    """``{(trait, field): edges}``, one set of bins per trait shared by the fields shown."""
+    import numpy as np
+    lo, hi = {}, {}
+    for p in range_files:
+        p = Path(p)
+        if p.exists():
+            ranges = json.loads(p.read_text())
+        else:       # a chunk finished by a version that wrote no ranges: one pass over its rows
+            ranges = {}
+            for r in _read(p.with_name(p.name.replace(".range.json", ".jsonl"))):
+                for c, v in r.items():
+                    if isinstance(v, float):
+                        a, b = ranges.get(c, (v, v))
+                        ranges[c] = (min(a, v), max(b, v))
+        for c, (a, b) in ranges.items():
+            lo[c], hi[c] = min(lo.get(c, a), a), max(hi.get(c, b), b)
+    edges = {}
+    for t in traits:
+        have = [f for f in shown if col(f, t) in lo]
+        if have:
+            a, b = min(lo[col(f, t)] for f in have), max(hi[col(f, t)] for f in have)
+            for f in have:
+                edges[t, f] = np.linspace(a, b if b > a else a + 1.0, bins + 1)
+    return edges
+
+
+class _Binner:
+    """Histogram counts over fixed edges, fed row by row, binned a thousand rows at a time."""
+
+    def __init__(self, edges: dict):
+        import numpy as np
+        self.np, self.edges = np, edges
+        self.counts = {k: np.zeros(len(e) - 1, dtype=np.int64) for k, e in edges.items()}
+        self.buf = {k: [] for k in edges}
+
+    def add(self, row: dict) -> None:
+        for (t, f), b in self.buf.items():
+            v = row.get(col(f, t))
+            if v is not None:
+                b.append(v)
+                if len(b) >= 1000:
+                    self._flush((t, f))
+
+    def _flush(self, k) -> None:
+        e = self.edges[k]
+        # np.histogram's last bin is closed, so the maximum lands inside
+        self.counts[k] += self.np.histogram(self.np.clip(self.buf[k], e[0], e[-1]), bins=e)[0]
+        self.buf[k].clear()
+
+    def done(self) -> dict:
+        for k in self.buf:
+            self._flush(k)
+        return self.counts
+
+
+def write_ranked(chunk_files: List[Path], traits: Sequence[str], rank_column: str, out: Path,
+                 edges: Optional[dict] = None) -> tuple:
+    """``ranked.jsonl`` and ``ranked.csv`` in ``out``, in one streaming merge that also takes
+    the running statistics and (given ``edges``) the histogram counts. Returns
+    ``({column: Stats}, {(trait, field): counts})``."""
     columns = ["rank", "line", "id"] + [col(f, t) for t in traits for f in FIELDS]
     stats = {c: Stats() for c in columns[3:]}
+    binner = _Binner(edges or {})
 
     def write_both(tmp_jsonl):
         def write_csv(tmp_csv):
@@ -107,48 +179,23 @@ def write_ranked(chunk_files: List[Path], traits: Sequence[str], rank_column: st
                     row = {"rank": rank, **row}
                     for c, s in stats.items():
                         s.add(row.get(c))
+                    binner.add(row)
                     fj.write(json.dumps({c: row.get(c) for c in columns}, ensure_ascii=False, allow_nan=False) + "\n")
                     w.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
         atomic_write(out / "ranked.csv", write_csv)
     atomic_write(out / "ranked.jsonl", write_both)
-    return stats
+    return stats, binner.done()
 
 
-def histogram(ranked: Path, traits: Sequence[str], stats: dict, layers: dict, png: Path,
-              approx_only: bool, bins: int = 40) -> None:
-    """One panel per trait: the per-sample dP (and its last-prompt-token approximation)."""
+def histogram(counts: dict, edges: dict, traits: Sequence[str], stats: dict, layers: dict, png: Path) -> None:
+    """One panel per trait: the per-sample dP and its last-prompt-token approximation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-    shown = ("approx",) if approx_only else ("dP", "approx")
-    edges, counts = {}, {}
-    for t in traits:                 # one set of bins per trait, shared by dP and its approximation
-        have = [f for f in shown if stats[col(f, t)].n]
-        if not have:
-            continue
-        lo = min(stats[col(f, t)].lo for f in have)
-        hi = max(stats[col(f, t)].hi for f in have)
-        for f in have:
-            edges[t, f] = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
-            counts[t, f] = np.zeros(bins, dtype=np.int64)
-    # a second streaming pass over the ranked file, a thousand rows at a time
-    buf = []
-
-    def flush():
-        for (t, f), e in edges.items():
-            vals = [r[col(f, t)] for r in buf if r.get(col(f, t)) is not None]
-            counts[t, f] += np.histogram(vals, bins=e)[0]
-        buf.clear()
-    for r in _read(ranked):
-        buf.append(r)
-        if len(buf) >= 1000:
-            flush()
-    flush()
     fig, axes = plt.subplots(len(traits), 1, figsize=(7, 2.6 * len(traits)), squeeze=False)
     for ax, t in zip(axes[:, 0], traits):
-        for f, color in zip(shown, ("tab:red", "tab:gray")):
-            if (t, f) not in edges:
+        for f, color in (("dP", "tab:red"), ("approx", "tab:gray")):
+            if (t, f) not in counts:
                 continue
             label = ("projection difference dP" if f == "dP" else "approximation (response − last prompt token)")
             mean = stats[col(f, t)].to_dict()["mean"]

@@ -37,7 +37,7 @@ from ..vectors import VectorSet, model_fingerprint
 from .base_answers import base_answers
 from .data import Sample, ScreenDataError, iter_chunks, iter_records
 from .project import chat_prompts_ids, project_sequences, texts_ids
-from .report import FIELDS, col, histogram, rank_key, write_ranked, write_rows
+from .report import FIELDS, col, column_ranges, histogram, histogram_edges, rank_key, write_ranked, write_rows
 
 MAX_LISTED = 100  # malformed lines listed in summary.json (all of them are in malformed.jsonl)
 
@@ -189,6 +189,8 @@ def _process_chunk(model, tok, c: int, samples: Sequence[Sample], first_key: int
                         col("base", t): num(b), col("last_prompt", t): lp})
         rows.append(row)
     rows.sort(key=rank_key(rank_column))
+    # the range first: the chunk file's existence is what marks the chunk done
+    atomic_write_json(out / "chunks" / f"c{c:05d}.range.json", column_ranges(rows, list(rows[0])[2:]))
     write_rows(out / "chunks" / f"c{c:05d}.jsonl", rows)
     if bar is not None:
         bar.update(len(samples))
@@ -238,9 +240,11 @@ def screen(model, tok, data, vectors: VectorSet, out, settings: Optional[ScreenS
     if missing:
         raise RuntimeError(f"{out}/chunks: {missing[:3]} missing after every rank finished; with several "
                            f"machines --out must be on a filesystem they all see")
-    stats = write_ranked(files, traits, rank_column, out)
+    edges = histogram_edges([f.with_suffix(".range.json") for f in files], traits,
+                            ("approx",) if s.approx_only else ("dP", "approx"))
+    stats, counts = write_ranked(files, traits, rank_column, out, edges)
     shutil.rmtree(out / "chunks" / "merge", ignore_errors=True)
-    histogram(out / "ranked.jsonl", traits, stats, layers, out / "histogram.png", s.approx_only)
+    histogram(counts, edges, traits, stats, layers, out / "histogram.png")
     summary = {
         "data": str(data), "lines": n_lines, "samples": n_valid, "malformed": n_bad,
         "malformed_listed": listed, "malformed_file": str(out / "malformed.jsonl"),
@@ -248,6 +252,8 @@ def screen(model, tok, data, vectors: VectorSet, out, settings: Optional[ScreenS
         "traits": {t: {"layer": layers[t], **{f: stats[col(f, t)].to_dict() for f in FIELDS},
                        "base_answer_empty": 0 if s.approx_only else n_valid - stats[col("dP", t)].n}
                    for t in traits},
+        "histogram": {t: {f: {"edges": edges[t, f].tolist(), "counts": counts[t, f].tolist()}
+                          for (t2, f) in counts if t2 == t} for t in traits},
         "outputs": {k: str(out / v) for k, v in (("ranked_jsonl", "ranked.jsonl"), ("ranked_csv", "ranked.csv"),
                                                  ("histogram", "histogram.png"), ("summary", "summary.json"))},
         "settings": manifest["settings"], "model": manifest["model"],
