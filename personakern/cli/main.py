@@ -126,8 +126,20 @@ def cmd_steer(args):
     pv = _vector(args, model, tok)
     layers = args.layers if args.layers else None
     batch = _encode(tok, args.prompt, args.system)
+    if args.alpha is None and args.cap is None and not args.ablate:
+        raise ValueError("steer needs --alpha, --cap or --ablate")
+    when = None
+    if args.when is not None:
+        cond = pv
+        if args.when_trait:
+            if getattr(args, "vector", None) in (None, "default"):
+                raise ValueError("--when-trait names a trait of the --vector file; give --vector FILE")
+            from personakern.vectors import load_vectors
+            cond = load_vectors(args.vector, model=model)[args.when_trait]
+        when = (cond, args.when)
     with personakern.patch(model, backend=args.backend) as handle:
-        handle.steer(pv, args.alpha, layers=layers, positions=args.positions)
+        handle.steer(pv, args.alpha, layers=layers, positions=args.positions, cap=args.cap,
+                     ablate=args.ablate, when=when)
         with step(f"generating with {handle.steering}"):
             out = _generate(model, tok, batch, args.max_new_tokens)
     for prompt, text in zip(args.prompt, _answers(tok, out, batch["input_ids"].shape[1])):
@@ -235,7 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("steer", help="generate answers with a persona vector added")
     common(s)
     s.add_argument("prompt", nargs="+")
-    s.add_argument("--alpha", type=float, required=True)
+    s.add_argument("--alpha", type=float, default=None, help="add alpha * v")
+    s.add_argument("--cap", type=float, default=None, help="clamp the projection on v to at most this")
+    s.add_argument("--ablate", action="store_true", help="remove the component along v")
+    s.add_argument("--when", type=float, default=None, metavar="THRESHOLD",
+                   help="add alpha * v only at tokens whose projection exceeds THRESHOLD")
+    s.add_argument("--when-trait", default=None,
+                   help="read --when's projection on this trait of the --vector file (default: the steered one)")
     s.add_argument("--layers", type=int, nargs="*", help="blocks to steer, 0-based (default: the vector's)")
     s.add_argument("--positions", default="response", choices=["all", "prompt", "response"])
     s.add_argument("--system", default=None)
