@@ -45,3 +45,25 @@ def test_info(capsys):
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert "native" in info["backends"] and "llama" in info["supported_model_types"]
+
+
+def test_steer_cap_ablate_when_flags(capsys, smollm2):
+    traits = "personakern/data/vectors/smollm2-traits.safetensors"
+    base = ["steer", "How should I treat my coworkers?", "--vector", traits, "--trait", "evil",
+            "--max-new-tokens", "8"]
+
+    def answer(*flags):
+        assert main(base + list(flags)) == 0
+        cap = capsys.readouterr()
+        return cap.err + cap.out, cap.out.split("> How should I treat my coworkers?", 1)[1]
+
+    out, never = answer("--alpha", "8", "--when", "inf")       # a gate that never opens
+    assert "'when_threshold': [inf]" in out
+    _, no_cap = answer("--cap", "inf")                          # a cap that never binds
+    _, always = answer("--alpha", "8", "--when=-inf")        # a gate that is always open
+    _, plain = answer("--alpha", "8")
+    assert never == no_cap and always == plain and never != plain
+    out, _ = answer("--ablate", "--when-trait", "humorous", "--when", "0", "--alpha", "1")
+    assert "'ablate': True" in out
+    assert main(base) == 2
+    assert "--alpha, --cap or --ablate" in capsys.readouterr().err
