@@ -13,7 +13,8 @@ t0=$(date +%s)
 python -c "import personakern.backends.cuda as c; ok=c.available('cuda'); print('cuda backend available:', ok, c.unavailable_reason() or '')"
 echo "build: $(( $(date +%s) - t0 )) s"
 echo "== GPU tests"
-python -m pytest -q -x tests/test_backend_cuda.py tests/test_backend_triton.py 2>&1 | tail -5
+python -m pytest -q -x tests/test_backend_cuda.py tests/test_backend_triton.py tests/test_gate.py 2>&1 | tail -5
+python -m pytest -q tests/test_conditional_steering.py -k "llama" 2>&1 | tail -3
 python -m pytest -q tests/test_patching.py tests/test_compile.py -k "not gemma3" 2>&1 | tail -3
 echo "== op microbenchmarks (bf16, vs copy bandwidth)"
 python - <<'PY'
