@@ -3,8 +3,8 @@
 One tiny random Llama with SmolLM2's tokenizer, the built-in `evil` spec cut to 3 questions,
 the likelihood judge on the same model (it scores any model; on this one the trait scores
 straddle 50, so the filter keeps about half of each side). Sizes give five generation batches
-of answers (the extra held-out answers fit in one), two judge chunks (64 + 14) and five sweep
-cells, so each rank generates, judges and steers.
+of answers (the extra held-out answers fit in one), three judge chunks (32 + 32 + 14) and five
+sweep cells, so each rank generates, judges and steers.
 """
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ from personakern.utils import JsonlLog
 from personakern.vectors import load_vectors
 
 REPO = Path(__file__).resolve().parent.parent
-BATCH = 16
+BATCH, CHUNK = 16, 32
 ARGS = ["extract", "--trait", "evil", "--questions", "3", "--samples", "2", "--max-new-tokens", "6",
         "--batch-size", str(BATCH), "--sweep-layers", "1", "2", "--sweep-alphas", "2", "4",
         "--sweep-questions", "2", "--min-kept", "1", "--coherence-threshold", "0", "--coherence-floor", "0",
-        "--judge", "likelihood", "--quiet"]
+        "--judge", "likelihood", "--judge-chunk", str(CHUNK), "--quiet"]
 CACHES = ("answers", "heldout", "judged", "sweep", "sweep-judged")
 
 
@@ -115,9 +115,9 @@ def test_extract_on_two_processes_equals_one(model_dir, tmp_path, monkeypatch):
         assert ids(f) == by_rank(ref, BATCH, 0) and ids(rank1(f)) == by_rank(ref, BATCH, 1), kind
     assert ids(rank1(cache_file(two, "answers")))
     judged_order = order + ids(cache_file(one, "heldout"))   # records are judged in this order
-    assert len(judged_order) > 64
+    assert len(judged_order) > 2 * CHUNK
     j0, j1 = cache_file(two, "judged"), rank1(cache_file(two, "judged"))
-    assert ids(j0) == by_rank(judged_order, 64, 0) and ids(j1) == by_rank(judged_order, 64, 1)
+    assert ids(j0) == by_rank(judged_order, CHUNK, 0) and ids(j1) == by_rank(judged_order, CHUNK, 1)
     s1 = ids(rank1(cache_file(two, "sweep")))
     assert {i.rsplit(":", 1)[0] for i in s1} == {"s:1:2", "s:2:2"}
     for f in (two / acts.name).glob("b*.safetensors"):

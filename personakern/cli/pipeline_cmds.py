@@ -105,7 +105,8 @@ def cmd_extract(args):
         pos_threshold=args.pos_threshold, neg_threshold=args.neg_threshold,
         coherence_threshold=args.coherence_threshold, min_kept=args.min_kept,
         sweep_layers=args.sweep_layers, sweep_alphas=tuple(args.sweep_alphas),
-        sweep_questions=args.sweep_questions, heldout_pairs=args.heldout_pairs, coherence_floor=args.coherence_floor, sweep=not args.no_sweep)
+        sweep_questions=args.sweep_questions, heldout_pairs=args.heldout_pairs, coherence_floor=args.coherence_floor, sweep=not args.no_sweep,
+        judge_chunk=args.judge_chunk)
     out = Path(args.out or f"personakern-runs/{spec.name}-{_slug(args.model)}")
     vs = extract(model, tok, spec, judge, out, cfg, progress=not args.quiet,
                  log=lambda s: print(s, file=sys.stderr))
@@ -217,6 +218,8 @@ def register(sub) -> None:
     e.add_argument("--heldout-pairs", type=int, default=3,
                    help="held-out answers per evaluation question and side, one per instruction pair (default 3)")
     e.add_argument("--coherence-floor", type=float, default=50.0)
+    e.add_argument("--judge-chunk", type=int, default=64,
+                   help="answers per judge call; under torchrun/accelerate the unit shared among ranks (default 64)")
     e.add_argument("--no-sweep", action="store_true", help="choose the layer by held-out AUROC only")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_extract)

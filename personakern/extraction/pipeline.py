@@ -72,6 +72,8 @@ class ExtractConfig:
                                           # instruction pair, up to this many pairs
     coherence_floor: float = 50.0
     sweep: bool = True
+    judge_chunk: int = 64                 # answers per judge call; under a launcher, the unit the
+                                          # ranks share (smaller: finer balance, smaller judge batches)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -226,7 +228,8 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
     # 2. judge
     t1 = time.perf_counter()
     jkey = settings_hash(key, judge.name)
-    judge_cached(judge, spec, records, RankedLog(out / f"judged-{jkey}.jsonl"), progress, shard=True)
+    judge_cached(judge, spec, records, RankedLog(out / f"judged-{jkey}.jsonl"), progress,
+                 chunk=cfg.judge_chunk, shard=True)
     times["judge_s"] = time.perf_counter() - t1
 
     # 3. filter
