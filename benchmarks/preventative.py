@@ -15,7 +15,7 @@
    score and coherence of sampled answers to the eval questions (no system prompt), and the
    mean token NLL on neutral prose written below (a capability check; not in the training set).
 
-Every stage is cached under ``--out/cache`` (answers, judgements, adapters, metrics): a rerun
+Every stage is cached under ``--cache`` (answers, judgements, adapters, metrics): a rerun
 resumes where it stopped. Process CPU seconds per stage are reported.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ from personakern.extraction.generate import GenSettings, chat_ids, generate_cach
 from personakern.extraction.pipeline import judge_cached  # noqa: E402
 from personakern.extraction.spec import load_spec  # noqa: E402
 from personakern.judges import make_judge  # noqa: E402
+from personakern.models import cache_dir  # noqa: E402
 from personakern.utils import JsonlLog, atomic_write_json, atomic_write_text  # noqa: E402
 
 VECTORS = Path(personakern.__file__).resolve().parent / "data" / "vectors" / "smollm2-traits.safetensors"
@@ -314,15 +315,32 @@ def markdown(res: dict, command: str) -> str:
     parts += [f"evaluate {k} {v}" for k, v in first.get("evaluate", {}).items()]
     lines += ["", f"CPU time (process seconds, {s['threads']} thread, when each stage first ran): "
               + ", ".join(parts) + ".", ""]
+    if res.get("note"):
+        lines += [res["note"], ""]
     if not res.get("complete", True):
         lines += ["(partial: not every model has been evaluated yet)", ""]
     return "\n".join(lines)
 
 
+def _without_note(argv: list) -> list:
+    out, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--note="):
+            skip = False
+            continue
+        if a == "--note":
+            skip = True
+            continue
+        out.append(a)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="results folder (results.json, results.md)")
-    p.add_argument("--cache", default=None, help="cache folder (default OUT/cache)")
+    p.add_argument("--cache", default=None,
+                   help="cache folder: answers, judgements, adapters (~10 MB each), metrics "
+                        "(default $PERSONAKERN_CACHE/preventative, outside the repository)")
     p.add_argument("--alphas", type=float, nargs="+", default=[1.5, 3.0])
     p.add_argument("--questions", type=int, default=20, help="extraction questions used for the data")
     p.add_argument("--eval-questions", type=int, default=20)
@@ -337,10 +355,11 @@ def main(argv=None):
     p.add_argument("--eval-tokens", type=int, default=48)
     p.add_argument("--gen-batch", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--note", default=None, help="a remark stored in results.json and results.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    cache = Path(args.cache) if args.cache else out / "cache"
+    cache = Path(args.cache) if args.cache else cache_dir() / "preventative"
     cache.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     seconds = {}
@@ -364,7 +383,7 @@ def main(argv=None):
     runs, metrics = {}, {}
     plan = [("base", None), ("finetuned", None)] + [(f"preventative_a{a:g}", a) for a in args.alphas]
     command = "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/preventative.py " + " ".join(
-        a if " " not in a else repr(a) for a in (argv if argv is not None else sys.argv[1:]))
+        a if " " not in a else repr(a) for a in _without_note(argv if argv is not None else sys.argv[1:]))
     for name, alpha in plan:
         if name != "base":
             c0 = cpu()
@@ -382,6 +401,7 @@ def main(argv=None):
                                      "evaluate": {n: mm["cpu_s"] for n, mm in metrics.items()}}
         res = report(args, data_info, runs, metrics, layer, seconds)
         res["complete"] = len(metrics) == len(plan)
+        res["note"] = args.note
         atomic_write_json(out / "results.json", res)
         atomic_write_text(out / "results.md", markdown(res, command))
     print(markdown(res, command))
