@@ -206,12 +206,13 @@ def _dataset(n=6, length=10, seed=3):
     return rows
 
 
-def _train(model, tmp_path, callbacks=(), steps=3, eval_steps=None):
+def _train(model, tmp_path, callbacks=(), steps=3, eval_steps=None, accumulation=1):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2, per_device_eval_batch_size=2,
         learning_rate=5e-3, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, seed=0,
         report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0,
-        eval_strategy="steps" if eval_steps else "no", eval_steps=eval_steps, disable_tqdm=True)
+        eval_strategy="steps" if eval_steps else "no", eval_steps=eval_steps, disable_tqdm=True,
+        gradient_accumulation_steps=accumulation)
     data = _dataset()
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
                                    eval_dataset=data[:2] if eval_steps else None, callbacks=list(callbacks))
@@ -220,7 +221,8 @@ def _train(model, tmp_path, callbacks=(), steps=3, eval_steps=None):
 
 
 @needs_peft
-def test_trainer_callback_equals_hook_reference(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])  # steering must stay on across micro-batches
+def test_trainer_callback_equals_hook_reference(tmp_path, accumulation):
     start = lora(no_dropout(tiny_model("llama")))
     vec = torch.randn(3, 40)
     runs = {}
@@ -229,7 +231,7 @@ def test_trainer_callback_equals_hook_reference(tmp_path):
         cbs = [PreventativeSteeringCallback(vec, ALPHA, layers=LAYER)] if kind == "callback" else []
         ctx = always_steer(pm, vec, LAYER, ALPHA) if kind == "hook" else contextlib.nullcontext()
         with ctx:
-            runs[kind] = (_train(pm, tmp_path / kind, cbs), pm, cbs)
+            runs[kind] = (_train(pm, tmp_path / kind, cbs, accumulation=accumulation), pm, cbs)
     weights, pm, (cb,) = runs["callback"]
     ref = runs["hook"][0]
     assert len(weights) == 18
