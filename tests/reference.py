@@ -7,11 +7,10 @@ import torch
 
 
 @contextlib.contextmanager
-def hook_steering(model, vector, layer, alpha, attention_mask, positions="all"):
-    """Add ``alpha[b] * vector[layer]`` to block ``layer``'s output, the way a user would with a
-    hook: the first call is the prompt (padding from ``attention_mask`` excluded), every later
-    call is one generated token."""
-    alpha = torch.as_tensor(alpha, dtype=torch.float32).reshape(-1, 1, 1)
+def hook_edit(model, layer, edit, attention_mask, positions="all"):
+    """Replace block ``layer``'s output ``h`` [B, T, D] by ``edit(h)`` at the tokens selected by
+    ``positions``, never at padding, the way a user would with a hook: the first call is the
+    prompt (padding from ``attention_mask``), every later call one generated token."""
     calls = {"n": 0}
 
     def hook(module, args, output):
@@ -19,11 +18,11 @@ def hook_steering(model, vector, layer, alpha, attention_mask, positions="all"):
         prompt = calls["n"] == 0
         calls["n"] += 1
         if prompt:
-            mask = attention_mask[:, -out.shape[1]:].to(out.dtype)[:, :, None]
+            mask = attention_mask[:, -out.shape[1]:].bool()
         else:
-            mask = torch.ones(out.shape[0], out.shape[1], 1, dtype=out.dtype)
+            mask = torch.ones(out.shape[:2], dtype=torch.bool)
         on = positions == "all" or (positions == "prompt") == prompt
-        new = out + (alpha * mask * vector[layer]).to(out.dtype) * on
+        new = torch.where((mask & on)[:, :, None], edit(out), out)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     handle = model.model.layers[layer].register_forward_hook(hook)
@@ -31,6 +30,12 @@ def hook_steering(model, vector, layer, alpha, attention_mask, positions="all"):
         yield
     finally:
         handle.remove()
+
+
+def hook_steering(model, vector, layer, alpha, attention_mask, positions="all"):
+    """Add ``alpha[b] * vector[layer]`` to block ``layer``'s output (see :func:`hook_edit`)."""
+    alpha = torch.as_tensor(alpha, dtype=torch.float32).reshape(-1, 1, 1)
+    return hook_edit(model, layer, lambda h: h + (alpha * vector[layer]).to(h.dtype), attention_mask, positions)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ the first hook call is the prompt (padding excluded), each later call one genera
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 import personakern
 from conftest import padded_batch, tiny_model
-from reference import capture_block_outputs
+from reference import capture_block_outputs, hook_edit
 
 ATOL = 1e-5
 
@@ -23,31 +22,6 @@ def greedy(model, batch, n=5):
     with torch.no_grad():
         return model.generate(**batch, max_new_tokens=n, do_sample=False, min_new_tokens=n,
                               return_dict_in_generate=True, output_logits=True)
-
-
-@contextlib.contextmanager
-def hook_edit(model, layer, edit, attention_mask, positions="all"):
-    """Replace block ``layer``'s output ``h`` [B, T, D] by ``edit(h)`` at the tokens selected by
-    ``positions`` (never at padding)."""
-    calls = {"n": 0}
-
-    def hook(module, args, output):
-        out = output[0] if isinstance(output, tuple) else output
-        prompt = calls["n"] == 0
-        calls["n"] += 1
-        if prompt:
-            mask = attention_mask[:, -out.shape[1]:].bool()
-        else:
-            mask = torch.ones(out.shape[:2], dtype=torch.bool)
-        on = positions == "all" or (positions == "prompt") == prompt
-        new = torch.where((mask & on)[:, :, None], edit(out), out)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
-
-    handle = model.model.layers[layer].register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def rowwise(values):

@@ -193,18 +193,23 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
     T* out = static_cast<T*>(a.out) + r * d;
     const float* coef = a.s ? a.coef + r * a.coef_stride : nullptr;
 
+    // h = round(hidden + delta) of one chunk, as float.
+    auto load_sum = [&](int64_t i, int64_t n, VecF* f) {
+      IO::load(hid + i, n, f);
+      if (del) {
+        VecF g[NV];
+        IO::load(del + i, n, g);
+        for (int j = 0; j < NV; ++j) f[j] = f[j] + g[j];
+        IO::round(f);
+      }
+    };
+
     // Conditional steering: the gates read h before steering, so h goes to scratch first and
     // pass 1 below continues from there with the gated coefficients.
     if (gating) {
       for_chunks<W>(d, [&](int64_t i, int64_t n) {
         VecF f[NV];
-        IO::load(hid + i, n, f);
-        if (del) {
-          VecF g[NV];
-          IO::load(del + i, n, g);
-          for (int j = 0; j < NV; ++j) f[j] = f[j] + g[j];
-          IO::round(f);
-        }
+        load_sum(i, n, f);
         store_f32<NV>(row + i, n, f);
       });
       const float* thr = a.gate_thr + r * a.gate_stride;
@@ -225,13 +230,7 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
       if (gating) {
         load_f32<NV>(row + i, n, f);
       } else {
-        IO::load(hid + i, n, f);
-        if (del) {
-          VecF g[NV];
-          IO::load(del + i, n, g);
-          for (int j = 0; j < NV; ++j) f[j] = f[j] + g[j];
-          IO::round(f);
-        }
+        load_sum(i, n, f);
       }
       if (coef) {
         VecF u[NV];

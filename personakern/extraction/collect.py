@@ -39,6 +39,20 @@ def _tokenize(tok, samples: Sequence[Sample]) -> List[Tuple[List[int], int]]:
 
 
 @torch.no_grad()
+def token_batches(order: Sequence[int], width, batch_size: int, max_tokens_per_batch: int) -> List[List[int]]:
+    """Cut ``order`` (indices, shortest first) into batches of at most ``batch_size`` rows whose
+    padded size (rows x the widest row, ``width(i)``) stays within ``max_tokens_per_batch``."""
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) >= batch_size or width(i) * (len(cur) + 1) > max_tokens_per_batch):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 def collect_means(model, tok, samples: Sequence[Sample], batch_size: int = 16, progress: bool = False,
                   max_tokens_per_batch: int = 8192) -> Dict[str, torch.Tensor]:
     """``{kind: float32 [N, num_layers, hidden]}`` for the kinds in :data:`KINDS` (on the CPU).
@@ -53,15 +67,7 @@ def collect_means(model, tok, samples: Sequence[Sample], batch_size: int = 16, p
     toks = _tokenize(tok, samples)
     order = sorted(range(len(toks)), key=lambda i: len(toks[i][0]))
     out = torch.empty(len(KINDS), len(toks), L, D)
-    batches, cur = [], []
-    for i in order:
-        width = len(toks[i][0])
-        if cur and (len(cur) >= batch_size or width * (len(cur) + 1) > max_tokens_per_batch):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
+    batches = token_batches(order, lambda i: len(toks[i][0]), batch_size, max_tokens_per_batch)
 
     sink = {}
 

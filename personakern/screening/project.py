@@ -12,6 +12,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from ..extraction.collect import token_batches
 from ..extraction.generate import left_pad
 from ..patching import find_decoder
 
@@ -56,14 +57,7 @@ def project_sequences(model, seqs: Sequence[Tuple[List[int], int]], units: Dict[
     resp = torch.full((len(seqs), M), float("nan"))
     last = torch.full((len(seqs), M), float("nan"))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    batches, cur = [], []
-    for i in order:
-        if cur and (len(cur) >= batch_size or len(seqs[i][0]) * (len(cur) + 1) > max_tokens_per_batch):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
+    batches = token_batches(order, lambda i: len(seqs[i][0]), batch_size, max_tokens_per_batch)
     sink = {}
 
     def make_hook(l):
