@@ -67,9 +67,10 @@ def cmd_shift(args):
         traits = args.traits or vs.traits
         prompts = read_prompts(args.questions) if args.questions else default_prompts(traits)
         res = fine_tuning_shift(base, ft, vs, prompts, traits, args.batch_size, progress=dist.is_main())
+        main_rank = dist.is_main()  # asked before finish(): after it every process looks like rank 0
     finally:
         dist.finish()
-    if not dist.is_main():
+    if not main_rank:
         return 0
     res.update(base=args.base, finetuned=args.finetuned, vectors=str(args.vectors),
                questions=args.questions or "evaluation questions of the traits' specs")
