@@ -115,8 +115,13 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return out.to(dev)
 
 
-def finish() -> None:
-    """Leave the process group (call at the end of a launched command)."""
+def finish(ok: bool = True) -> None:
+    """Leave the process group (call at the end of a launched command).
+
+    ``ok=False`` (this rank is leaving with an exception) skips the closing barrier: it would
+    match a barrier the other ranks wait at inside the command and let them go on as if this
+    rank had finished its share; without it they get a "connection closed" error instead."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()

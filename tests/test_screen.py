@@ -321,3 +321,40 @@ def test_cli_smollm2_smoke(tmp_path):
     r = run_cli("screen", "--data", str(data), "--vectors", str(vec), "--out", str(tmp_path / "o2"), "--on-error", "stop")
     assert r.returncode == 2 and "d.jsonl:3: malformed line" in r.stderr
     assert not (tmp_path / "o2" / "ranked.jsonl").exists()
+
+
+DRIVER = r'''
+import sys, time
+import personakern, personakern.screening
+from personakern import distributed as dist
+from personakern.cli import data_cmds
+from personakern.cli.main import main
+
+def fake_screen(model, tok, data, vs, out, s):
+    if dist.rank() == 1:
+        raise ValueError("rank 1 failed in its chunk")
+    time.sleep(1)
+    dist.barrier()            # where screen() waits for every rank's chunks
+    print("rank 0 went past the barrier", flush=True)
+    raise RuntimeError("chunks missing after every rank finished")
+
+personakern.screening.screen = fake_screen
+data_cmds._load_on_device = lambda name: (None, None)
+personakern.VectorSet.load = staticmethod(lambda *a, **k: None)
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_failed_rank_does_not_release_the_others(tmp_path):
+    """A rank leaving with an error must not take the closing barrier: it would release the
+    ranks waiting inside screen(), which then report a misleading "chunks missing"."""
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS[:2])
+    (tmp_path / "driver.py").write_text(DRIVER)
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                        "127.0.0.1", "--master-port", str(_free_port()), str(tmp_path / "driver.py"), "screen",
+                        "--data", str(data), "--vectors", "v", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0
+    assert "rank 1 failed in its chunk" in r.stderr
+    assert "went past the barrier" not in r.stdout + r.stderr, r.stderr[-3000:]

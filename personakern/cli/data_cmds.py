@@ -23,6 +23,7 @@ def cmd_screen(args):
     from personakern import distributed as dist
     from personakern.screening import ScreenSettings, check_data, screen
     dist.init()
+    ok = False
     try:
         data = Path(args.data)
         check_data(data, args.on_error)       # fail fast, before the model loads
@@ -34,8 +35,9 @@ def cmd_screen(args):
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                            progress=not args.no_progress)
         summary = screen(model, tok, data, vs, out, s)
+        ok = True
     finally:
-        dist.finish()
+        dist.finish(ok)
     if summary is None:
         return 0
     print(f"\nscreened {summary['samples']} samples of {data} ({summary['malformed']} malformed line(s) skipped), "
@@ -60,6 +62,7 @@ def cmd_shift(args):
     from personakern.screening.shift import default_prompts, fine_tuning_shift, read_prompts
     from personakern.utils import atomic_write_json
     dist.init()
+    ok = False
     try:
         base = _load_on_device(args.base)
         ft = _load_on_device(args.finetuned)
@@ -68,8 +71,9 @@ def cmd_shift(args):
         prompts = read_prompts(args.questions) if args.questions else default_prompts(traits)
         res = fine_tuning_shift(base, ft, vs, prompts, traits, args.batch_size, progress=dist.is_main())
         main_rank = dist.is_main()  # asked before finish(): after it every process looks like rank 0
+        ok = True
     finally:
-        dist.finish()
+        dist.finish(ok)
     if not main_rank:
         return 0
     res.update(base=args.base, finetuned=args.finetuned, vectors=str(args.vectors),

@@ -108,8 +108,12 @@ def cmd_extract(args):
         sweep_questions=args.sweep_questions, heldout_pairs=args.heldout_pairs, coherence_floor=args.coherence_floor, sweep=not args.no_sweep,
         judge_chunk=args.judge_chunk)
     out = Path(args.out or f"personakern-runs/{spec.name}-{_slug(args.model)}")
-    vs = extract(model, tok, spec, judge, out, cfg, progress=not args.quiet,
-                 log=lambda s: print(s, file=sys.stderr))
+    try:
+        vs = extract(model, tok, spec, judge, out, cfg, progress=not args.quiet,
+                     log=lambda s: print(s, file=sys.stderr))
+    except BaseException:
+        distributed.finish(ok=False)   # leave the group without the closing barrier
+        raise
     if vs is not None:  # rank 0
         print(render_text(vs[spec.name].meta["report"]))
     distributed.finish()
