@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 import personakern
 from conftest import padded_batch, tiny_model
@@ -194,11 +195,14 @@ def test_compiled_cap_and_when_equal_eager():
         pk.steer(condition, layers=2, cap=0.5, name="capped")
         with torch.no_grad():
             eager = model(**batch).logits
-            compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+            counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+            compiled = torch.compile(model, fullgraph=True, backend=counter)
             first = compiled(**batch).logits
-            pk.steer(condition, layers=2, cap=-0.5, name="capped")  # value change: no recompile
+            pk.steer(condition, layers=2, cap=-0.5, name="capped")  # value changes: no recompile
+            pk.steer(vector, 3.0, layers=[0, 1], when=(condition, 0.25))
             second = compiled(**batch).logits
             eager2 = model(**batch).logits
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} compilations"
     assert (first - eager).abs().max() <= 1e-5
     assert (second - eager2).abs().max() <= 1e-5
     assert (second - first).abs().max() > 1e-4
