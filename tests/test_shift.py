@@ -121,6 +121,15 @@ def test_shift_errors(pair, tok, tmp_path):
         read_prompts(q)
     with pytest.raises(ShiftError, match="file not found"):
         read_prompts(tmp_path / "none.txt")
+    q.write_text('{"question": "a?"}\n{"messages": [{"role": "user", "text": "b?"}]}\n')
+    with pytest.raises(ShiftError, match=r"q\.jsonl:2: each message must be an object with string 'role' and 'content'"):
+        read_prompts(q)
+    q.write_text('{"messages": ["b?"]}\n')
+    with pytest.raises(ShiftError, match=r"q\.jsonl:1: each message"):
+        read_prompts(q)
+    q.write_text('{"messages": [{"role": "assistant", "content": "x"}]}\n')
+    with pytest.raises(ShiftError, match=r"q\.jsonl:1: no prompt before"):
+        read_prompts(q)
 
 
 def test_shift_cli_two_processes_equal_one(pair, tok, tmp_path):

@@ -126,8 +126,14 @@ def read_prompts(path) -> List[List[dict]]:
                     raise ShiftError(f"{path}:{n}: not valid JSON ({e})") from None
                 if isinstance(rec.get("messages"), list) and rec["messages"]:
                     msgs = rec["messages"]
-                    if msgs[-1].get("role") == "assistant":
+                    if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                               and isinstance(m.get("content"), str) for m in msgs):
+                        raise ShiftError(f"{path}:{n}: each message must be an object with string 'role' "
+                                         f"and 'content'")
+                    if msgs[-1]["role"] == "assistant":
                         msgs = msgs[:-1]
+                    if not msgs:
+                        raise ShiftError(f"{path}:{n}: no prompt before the assistant's message")
                     out.append([{"role": m["role"], "content": m["content"]} for m in msgs])
                 elif isinstance(rec.get("question", rec.get("prompt")), str):
                     out.append([{"role": "user", "content": rec.get("question", rec.get("prompt"))}])
