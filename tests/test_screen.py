@@ -197,6 +197,13 @@ def test_malformed_lines_skip_or_stop(tiny, tok, tmp_path):
         screen(tiny, tok, write_jsonl(tmp_path / "bad.jsonl", ["{x"]), vs, tmp_path / "o3", ScreenSettings(progress=False))
     with pytest.raises(ValueError, match="no trait 'evil'"):
         screen(tiny, tok, data, vs, tmp_path / "o4", ScreenSettings(traits=["evil"], progress=False))
+    # a folder with someone else's files of the same names is refused and left as it was
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "summary.json").write_text("my notes")
+    with pytest.raises(ValueError, match="mine holds summary.json but no screening run"):
+        screen(tiny, tok, data, vs, tmp_path / "mine", ScreenSettings(approx_only=True, progress=False))
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["summary.json"]
+    assert (tmp_path / "mine" / "summary.json").read_text() == "my notes"
 
 
 def test_nan_model_is_a_clear_error(tok, tmp_path):

@@ -40,6 +40,8 @@ from .project import chat_prompts_ids, project_sequences, texts_ids
 from .report import FIELDS, col, column_ranges, histogram, histogram_edges, rank_key, write_ranked, write_rows
 
 MAX_LISTED = 100  # malformed lines listed in summary.json (all of them are in malformed.jsonl)
+WRITES = ("malformed.jsonl", "ranked.jsonl", "ranked.csv", "summary.json", "histogram.png", "chunks",
+          "answers")   # what a run puts in its folder besides run.json
 
 
 @dataclass
@@ -140,6 +142,11 @@ def _claim(out: Path, manifest: dict) -> None:
             diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
             raise ValueError(f"{out} holds a screening run with other inputs or settings ({', '.join(diff)}); "
                              f"use another --out or delete that folder")
+    else:   # never overwrite files that are not a screening run's (e.g. --out pointing at a data folder)
+        clash = [n for n in WRITES if (out / n).exists()]
+        if clash:
+            raise ValueError(f"{out} holds {', '.join(clash)} but no screening run (run.json); "
+                             f"use another --out")
     dist.barrier()
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
