@@ -67,3 +67,7 @@ def test_steer_cap_ablate_when_flags(capsys, smollm2):
     assert "'ablate': True" in out
     assert main(base) == 2
     assert "--alpha, --cap or --ablate" in capsys.readouterr().err
+    assert main(base + ["--alpha", "1", "--when-trait", "humorous"]) == 2      # not silently ignored
+    assert "give --when THRESHOLD too" in capsys.readouterr().err
+    assert main(base + ["--alpha", "1", "--when", "0", "--when-trait", "nosuch"]) == 2
+    assert "has no trait 'nosuch'; it has" in capsys.readouterr().err

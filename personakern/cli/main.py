@@ -122,6 +122,8 @@ def cmd_demo(args):
 
 def cmd_steer(args):
     import personakern
+    if args.when_trait is not None and args.when is None:
+        raise ValueError("--when-trait names the condition of --when; give --when THRESHOLD too")
     model, tok = _load(args)
     pv = _vector(args, model, tok)
     layers = args.layers if args.layers else None
@@ -135,7 +137,11 @@ def cmd_steer(args):
             if getattr(args, "vector", None) in (None, "default"):
                 raise ValueError("--when-trait names a trait of the --vector file; give --vector FILE")
             from personakern.vectors import load_vectors
-            cond = load_vectors(args.vector, model=model)[args.when_trait]
+            vs = load_vectors(args.vector, model=model)
+            if args.when_trait not in vs:
+                raise ValueError(f"--when-trait: {args.vector} has no trait {args.when_trait!r}; "
+                                 f"it has {', '.join(vs.traits)}")
+            cond = vs[args.when_trait]
         when = (cond, args.when)
     with personakern.patch(model, backend=args.backend) as handle:
         handle.steer(pv, args.alpha, layers=layers, positions=args.positions, cap=args.cap,
