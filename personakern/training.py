@@ -240,7 +240,11 @@ class PreventativeSteeringCallback(_trainer_callback_base()):
             raise RuntimeError("PreventativeSteeringCallback: the Trainer passed no model")
         self.close()
         self.steering = PreventativeSteering(model, **self._args)
-        self.steering.on()
+        try:
+            self.steering.on()
+        except BaseException:
+            self.close()   # Trainer stops here without on_train_end: leave the model unpatched
+            raise
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.steering is not None:

@@ -153,6 +153,10 @@ def test_bad_input_is_refused_clearly():
                 pass
         assert is_patched(model)
     assert not is_patched(model)
+    cb = PreventativeSteeringCallback(v, 1.0)   # no layers: on_train_begin fails...
+    with pytest.raises(ValueError, match="say which layers"):
+        cb.on_train_begin(None, None, None, model=model)
+    assert not is_patched(model) and not cb.is_on   # ...and leaves nothing patched
 
 
 # ---------------------------------------------------------------------- PEFT LoRA
