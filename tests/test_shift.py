@@ -93,6 +93,13 @@ def test_shift_matches_hand_computed(pair, tok):
     # a model against itself: zero everywhere
     same = fine_tuning_shift((base, tok), (base, tok), vs, PROMPTS)
     assert max(abs(x) for t in vs for x in same["traits"][t]["per_layer"]) < 1e-7
+    # a block the vector leaves out (zero row, as imported control vectors have): no value, not NaN
+    zv = vs["t0"].vectors.clone()
+    zv[0] = 0
+    z = fine_tuning_shift((base, tok), (ft, tok), VectorSet([PersonaVector("t0", zv, vs["t0"].meta)]), PROMPTS)
+    assert z["traits"]["t0"]["per_layer"][0] is None
+    assert z["traits"]["t0"]["per_layer"][1:] == pytest.approx(res["traits"]["t0"]["per_layer"][1:], abs=1e-6)
+    json.dumps(z, allow_nan=False)   # what shift --out writes
 
 
 def test_shift_errors(pair, tok, tmp_path):

@@ -80,13 +80,15 @@ def mean_last_prompt(model, tok, prompts: Sequence[List[dict]], batch_size: int 
 
 
 def project_shift(diff: torch.Tensor, vectors: VectorSet, traits: Sequence[str]) -> Dict[str, List[float]]:
-    """Per trait, ``diff[l] · v_hat_l`` for every block ``l``."""
+    """Per trait, ``diff[l] · v_hat_l`` for every block ``l`` (None where the vector is zero, as
+    in imported control vectors that leave blocks out)."""
     out = {}
     for t in traits:
         v = vectors[t].vectors.double()
         if diff.shape != v.shape:
             raise ShiftError(f"trait {t!r}: vectors are {list(v.shape)}, the models' activations {list(diff.shape)}")
-        out[t] = ((diff * v).sum(1) / v.norm(dim=1)).tolist()
+        norms = v.norm(dim=1)
+        out[t] = [None if n == 0 else x for x, n in zip(((diff * v).sum(1) / norms).tolist(), norms.tolist())]
     return out
 
 
