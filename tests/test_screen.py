@@ -206,6 +206,18 @@ def test_malformed_lines_skip_or_stop(tiny, tok, tmp_path):
     assert (tmp_path / "mine" / "summary.json").read_text() == "my notes"
 
 
+def test_without_matplotlib_everything_but_the_png(tiny, tok, tmp_path, monkeypatch):
+    """matplotlib is not a dependency: a screen without it must not fail after all the work."""
+    for m in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, m)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)    # import matplotlib -> ImportError
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS[:3])
+    s = screen(tiny, tok, data, make_vectors(tiny), tmp_path / "o", ScreenSettings(approx_only=True, progress=False))
+    assert (tmp_path / "o" / "summary.json").exists() and len(read_ranked(tmp_path / "o")) == 3
+    assert "histogram" not in s["outputs"] and not (tmp_path / "o" / "histogram.png").exists()
+    assert sum(s["histogram"]["t0"]["approx"]["counts"]) == 3
+
+
 def test_nan_model_is_a_clear_error(tok, tmp_path):
     model = tiny_llama_for(tok, 2, seed=2)
     vs = make_vectors(model, layers=(0, 1))

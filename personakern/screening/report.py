@@ -187,11 +187,15 @@ def write_ranked(chunk_files: List[Path], traits: Sequence[str], rank_column: st
     return stats, binner.done()
 
 
-def histogram(counts: dict, edges: dict, traits: Sequence[str], stats: dict, layers: dict, png: Path) -> None:
-    """One panel per trait: the per-sample dP and its last-prompt-token approximation."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def histogram(counts: dict, edges: dict, traits: Sequence[str], stats: dict, layers: dict, png: Path) -> bool:
+    """One panel per trait: the per-sample dP and its last-prompt-token approximation. Returns
+    False (and draws nothing) without matplotlib, which personakern does not depend on."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
     fig, axes = plt.subplots(len(traits), 1, figsize=(7, 2.6 * len(traits)), squeeze=False)
     for ax, t in zip(axes[:, 0], traits):
         for f, color in (("dP", "tab:red"), ("approx", "tab:gray")):
@@ -212,3 +216,4 @@ def histogram(counts: dict, edges: dict, traits: Sequence[str], stats: dict, lay
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, png)
+    return True

@@ -251,7 +251,7 @@ def screen(model, tok, data, vectors: VectorSet, out, settings: Optional[ScreenS
                             ("approx",) if s.approx_only else ("dP", "approx"))
     stats, counts = write_ranked(files, traits, rank_column, out, edges)
     shutil.rmtree(out / "chunks" / "merge", ignore_errors=True)
-    histogram(counts, edges, traits, stats, layers, out / "histogram.png")
+    drawn = histogram(counts, edges, traits, stats, layers, out / "histogram.png")
     summary = {
         "data": str(data), "lines": n_lines, "samples": n_valid, "malformed": n_bad,
         "malformed_listed": listed, "malformed_file": str(out / "malformed.jsonl"),
@@ -262,7 +262,8 @@ def screen(model, tok, data, vectors: VectorSet, out, settings: Optional[ScreenS
         "histogram": {t: {f: {"edges": edges[t, f].tolist(), "counts": counts[t, f].tolist()}
                           for (t2, f) in counts if t2 == t} for t in traits},
         "outputs": {k: str(out / v) for k, v in (("ranked_jsonl", "ranked.jsonl"), ("ranked_csv", "ranked.csv"),
-                                                 ("histogram", "histogram.png"), ("summary", "summary.json"))},
+                                                 ("histogram", "histogram.png"), ("summary", "summary.json"))
+                    if k != "histogram" or drawn},   # no PNG without matplotlib (the counts are above)
         "settings": manifest["settings"], "model": manifest["model"],
     }
     atomic_write_json(out / "summary.json", summary)
