@@ -109,8 +109,11 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
         return t.clone()
     out = t.detach().clone()
     dev = out.device
-    if dist.get_backend() == "gloo" and dev.type != "cpu":
+    backend = dist.get_backend()
+    if backend == "gloo" and dev.type != "cpu":
         out = out.cpu()
+    elif backend == "nccl" and dev.type != "cuda":   # NCCL reduces only GPU tensors (shift sums on the CPU)
+        out = out.to(local_device())
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(dev)
 

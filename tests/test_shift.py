@@ -158,3 +158,27 @@ def test_shift_cli_two_processes_equal_one(pair, tok, tmp_path):
     for t in vs:
         torch.testing.assert_close(torch.tensor(two["traits"][t]["per_layer"]), torch.tensor(one["traits"][t]["per_layer"]),
                                    atol=1e-6, rtol=1e-5)
+
+
+def test_all_sum_hands_nccl_a_gpu_tensor(monkeypatch):
+    """The shift's sums live on the CPU; NCCL (torchrun on GPUs) reduces only GPU tensors, so
+    all_sum must move them to the rank's device first (checked with a stand-in backend)."""
+    import torch.distributed as tdist
+    from personakern import distributed as pdist
+
+    class Reduced(Exception):
+        pass
+
+    seen = []
+
+    def fake_all_reduce(t, op=None):
+        seen.append(t.device)
+        raise Reduced
+
+    monkeypatch.setattr(pdist, "active", lambda: True)
+    monkeypatch.setattr(pdist, "local_device", lambda: torch.device("meta"))   # stands in for cuda:LOCAL_RANK
+    monkeypatch.setattr(tdist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(tdist, "all_reduce", fake_all_reduce)
+    with pytest.raises(Reduced):
+        pdist.all_sum(torch.ones(2, 3, dtype=torch.float64))
+    assert seen == [torch.device("meta")]
