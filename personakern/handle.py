@@ -105,6 +105,9 @@ class PersonaHandle:
         layer_tuple = self._resolve_layers(layers, vector)
         alpha_t = None if alpha is None else _alpha_tensor(alpha, name).to(self.device)
         cap_t = None if cap is None else _alpha_tensor(cap, name, "cap", allow_inf=True).to(self.device)
+        if cap_t is not None and bool(torch.isneginf(cap_t).any()):
+            raise ValueError(f"cap for {name!r} is -inf: no hidden state has a projection that low (the "
+                             f"output would be inf/NaN); inf means no cap")
         if cap_t is not None or ablate:
             zero = [l for l in layer_tuple if float(vectors[l].norm()) == 0.0]
             if zero:

@@ -223,6 +223,8 @@ def test_bad_arguments_raise_and_change_nothing():
             pk.steer(vector, layers=1, cap=1.0, when=(vector, 0.0))
         with pytest.raises(ValueError, match="not finite"):
             pk.steer(vector, 1.0, layers=1, cap=float("nan"))
+        with pytest.raises(ValueError, match=r"cap for 'vector' is -inf.*inf means no cap"):
+            pk.steer(vector, 1.0, layers=1, cap=[1.0, -float("inf"), 2.0])   # would make that row inf/NaN
         with pytest.raises(KeyError, match="neither a monitored trait"):
             pk.steer(vector, 1.0, layers=1, when=("nope", 0.0))
         with pytest.raises(ValueError, match=r"\(condition, threshold\)"):
