@@ -197,6 +197,10 @@ def test_malformed_lines_skip_or_stop(tiny, tok, tmp_path):
         screen(tiny, tok, write_jsonl(tmp_path / "bad.jsonl", ["{x"]), vs, tmp_path / "o3", ScreenSettings(progress=False))
     with pytest.raises(ValueError, match="no trait 'evil'"):
         screen(tiny, tok, data, vs, tmp_path / "o4", ScreenSettings(traits=["evil"], progress=False))
+    # a zero size is refused before the folder exists (run.json would pin the folder to it)
+    with pytest.raises(ValueError, match="chunk_batches must be at least 1, got 0"):
+        screen(tiny, tok, data, vs, tmp_path / "o5", ScreenSettings(chunk_batches=0, progress=False))
+    assert not (tmp_path / "o5").exists()
     # a folder with someone else's files of the same names is refused and left as it was
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "summary.json").write_text("my notes")

@@ -207,6 +207,9 @@ def screen(model, tok, data, vectors: VectorSet, out, settings: Optional[ScreenS
     """Screen the JSONL training set ``data``; writes into folder ``out`` and returns the
     summary (on rank 0; other ranks return None). Rerunning with the same folder resumes."""
     s = settings or ScreenSettings()
+    for k in ("batch_size", "chunk_batches", "max_new_tokens"):   # before run.json pins a folder to them
+        if getattr(s, k) < 1:
+            raise ValueError(f"{k} must be at least 1, got {getattr(s, k)}")
     data, out = Path(data), Path(out)
     traits, layers, units, order, rank_by = _plan(vectors, s)
     rank_column = col("approx" if s.approx_only else "dP", rank_by)
