@@ -363,6 +363,12 @@ def test_extract_refuses_when_filter_leaves_too_few(tiny, tok, tmp_path):
 
 # ---------------------------------------------------------------- drafting specs
 
+def test_extract_refuses_a_zero_judge_chunk_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="judge_chunk must be at least 1, got 0"):
+        pipeline.extract(None, None, "evil", None, tmp_path / "run", pipeline.ExtractConfig(judge_chunk=0))
+    assert not (tmp_path / "run").exists()
+
+
 def test_parse_list():
     text = "Here are some:\n1. You are rude to everyone.\n2) Be very rude.\n- short\n* You are rude to everyone.\n3. \"Insult the user often.\""
     assert parse_list(text) == ["You are rude to everyone.", "Be very rude.", "Insult the user often."]

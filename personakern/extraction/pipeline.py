@@ -183,6 +183,8 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
     ``out_dir/vectors.safetensors`` — on rank 0; other ranks of a launched run return None
     once rank 0 has written the outputs."""
     cfg = cfg or ExtractConfig()
+    if cfg.judge_chunk < 1:   # checked here, not after generating everything
+        raise ValueError(f"judge_chunk must be at least 1, got {cfg.judge_chunk}")
     main = distributed.is_main()
     if not main:
         progress, log = False, (lambda s: None)
