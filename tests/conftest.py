@@ -112,3 +112,19 @@ def padded_batch(lengths=(7, 4, 9), seed=1):
 def smollm2():
     import personakern
     return personakern.load_model()
+
+
+def run_process_group(cmd, timeout, **kw):
+    """``subprocess.run(cmd, capture_output=True, text=True, ...)`` in a session of its own: on a
+    timeout the whole process group is killed (torchrun's workers too, not just the launcher)."""
+    import signal
+    import subprocess
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -12,13 +12,12 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama_for
+from conftest import run_process_group, tiny_llama_for
 
 from personakern.extraction import generate
 from personakern.extraction.generate import RankedLog
@@ -62,7 +61,7 @@ def torchrun(model_dir, out, nproc=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
            "127.0.0.1", "--master-port", str(port), "-m", "personakern", *ARGS, "--model", str(model_dir),
            "--out", str(out)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    return run_process_group(cmd, timeout=240, env=env)
 
 
 def cache_file(run: Path, kind: str) -> Path:

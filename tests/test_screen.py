@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_llama_for
+from conftest import run_process_group, tiny_llama_for
 from personakern import PersonaVector, VectorSet
 from personakern.screening import ScreenDataError, ScreenSettings, screen
 from personakern.screening import base_answers as base_mod
@@ -304,8 +303,7 @@ def run_cli(*args, torchrun=0, cwd=None):
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     pre = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(torchrun),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port())] if torchrun else [sys.executable]
-    return subprocess.run([*pre, "-m", "personakern", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
+    return run_process_group([*pre, "-m", "personakern", *args], timeout=300, env=env, cwd=cwd)
 
 
 def test_two_processes_equal_one(tiny, tok, tmp_path):
@@ -374,10 +372,18 @@ def test_failed_rank_does_not_release_the_others(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", RECORDS[:2])
     (tmp_path / "driver.py").write_text(DRIVER)
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                        "127.0.0.1", "--master-port", str(_free_port()), str(tmp_path / "driver.py"), "screen",
-                        "--data", str(data), "--vectors", "v", "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, env=env, timeout=120)
+    r = run_process_group([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                           "127.0.0.1", "--master-port", str(_free_port()), str(tmp_path / "driver.py"), "screen",
+                           "--data", str(data), "--vectors", "v", "--out", str(tmp_path / "o")],
+                          timeout=120, env=env)
     assert r.returncode != 0
     assert "rank 1 failed in its chunk" in r.stderr
     assert "went past the barrier" not in r.stdout + r.stderr, r.stderr[-3000:]
+
+
+def test_a_byte_order_mark_before_line_1_is_not_a_malformed_line(tmp_path):
+    from personakern.screening.data import Sample, iter_records
+    data = tmp_path / "bom.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + (json.dumps(RECORDS[0]) + "\n" + json.dumps(RECORDS[1]) + "\n").encode())
+    recs = list(iter_records(data))
+    assert [type(r) for r in recs] == [Sample, Sample] and [r.line for r in recs] == [1, 2]

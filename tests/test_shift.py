@@ -128,6 +128,10 @@ def test_shift_errors(pair, tok, tmp_path):
         read_prompts(q)
     with pytest.raises(ShiftError, match="file not found"):
         read_prompts(tmp_path / "none.txt")
+    with pytest.raises(ShiftError, match="batch_size must be at least 1"):
+        fine_tuning_shift((base, tok), (base, tok), vs, PROMPTS, batch_size=0)
+    q.write_bytes(b'\xef\xbb\xbf{"question": "a?"}\nb?\n')  # a byte-order mark before line 1
+    assert read_prompts(q) == [[{"role": "user", "content": "a?"}], [{"role": "user", "content": "b?"}]]
     q.write_text('{"question": "a?"}\n{"messages": [{"role": "user", "text": "b?"}]}\n')
     with pytest.raises(ShiftError, match=r"q\.jsonl:2: each message must be an object with string 'role' and 'content'"):
         read_prompts(q)

@@ -61,6 +61,8 @@ def cmd_shift(args):
     from personakern import distributed as dist
     from personakern.screening.shift import default_prompts, fine_tuning_shift, read_prompts
     from personakern.utils import atomic_write_json
+    if args.batch_size < 1:  # before two models load
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     dist.init()
     ok = False
     try:

@@ -105,6 +105,8 @@ def iter_records(path) -> Iterator[Union[Sample, Malformed]]:
         raise ScreenDataError(f"{path}: cannot read: {e}") from None
     with f:
         for n, raw in enumerate(f, start=1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark (some editors write one)
             yield parse_line(raw.rstrip(b"\r\n"), n)
 
 

@@ -116,7 +116,7 @@ def read_prompts(path) -> List[List[dict]]:
     if not path.is_file():
         raise ShiftError(f"{path}: file not found")
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of line 1
         for n, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -152,6 +152,8 @@ def fine_tuning_shift(base, finetuned, vectors: VectorSet, prompts: Sequence[Lis
                       batch_size: int = 16, progress: bool = False) -> dict:
     """``base`` / ``finetuned``: ``(model, tokenizer)`` pairs. Returns per-trait shifts at
     every block and at the trait's recommended block."""
+    if batch_size < 1:
+        raise ShiftError(f"batch_size must be at least 1, got {batch_size}")
     (mb, tb), (mf, tf) = base, finetuned
     check_same_architecture(mb, mf)
     traits = list(traits) if traits else vectors.traits
