@@ -128,3 +128,13 @@ def run_process_group(cmd, timeout, **kw):
         proc.communicate()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """SmolLM2's tokenizer, left-padding (a module may define its own ``tok``)."""
+    from transformers import AutoTokenizer
+    from personakern.models import resolve
+    t = AutoTokenizer.from_pretrained(resolve("smollm2"))
+    t.padding_side = "left"
+    return t

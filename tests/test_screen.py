@@ -25,15 +25,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-    from personakern.models import resolve
-    t = AutoTokenizer.from_pretrained(resolve("smollm2"))
-    t.padding_side = "left"
-    return t
-
-
-@pytest.fixture(scope="module")
 def tiny(tok):
     return tiny_llama_for(tok, 3, seed=3)
 

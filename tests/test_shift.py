@@ -17,14 +17,6 @@ from test_screen import run_cli
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-    from personakern.models import resolve
-    t = AutoTokenizer.from_pretrained(resolve("smollm2"))
-    t.padding_side = "left"
-    return t
-
 PROMPTS = [
     [{"role": "user", "content": "How should I treat my coworkers?"}],
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}],
