@@ -91,7 +91,7 @@ class PersonaHandle:
         All of it runs inside the fused op, per row and per token, from tensors prepared here:
         no host sync and no recompilation when only values change.
         """
-        self._check_active()
+        self._check_idle("steer")
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
         name = name or (vector.trait if isinstance(vector, PersonaVector) else "vector")
@@ -148,6 +148,7 @@ class PersonaHandle:
 
     def clear(self, name: Optional[str] = None) -> "PersonaHandle":
         """Remove one steering vector by name, or all of them."""
+        self._state.guard.check("clear() was called")
         if name is None:
             self._state.slots.clear()
         elif self._state.slots.pop(name, None) is None:
@@ -178,7 +179,7 @@ class PersonaHandle:
         Replaces the monitored set; ``monitor(None)`` stops monitoring. Readings of the latest
         forward/``generate()`` call are in :attr:`readings`.
         """
-        self._check_active()
+        self._check_idle("monitor")
         if vectors is None:
             self._state.set_monitors({}, [])
             return self
@@ -198,25 +199,53 @@ class PersonaHandle:
     @property
     def readings(self) -> Optional[Readings]:
         """Readings of the latest sequence (prompt and generated tokens), or None."""
-        s = self._state
-        if not s.monitor_traits or s.buffer is None:
+        s, seq = self._state, self._state.seq
+        if not s.monitor_traits or seq.buffer is None:
             return None
-        values = s.buffer[:, :s.length].float().cpu()
-        valid = s.valid[:, :s.length].cpu()
+        values = seq.buffer[:, :seq.length].float().cpu()
+        valid = seq.valid[:, :seq.length].cpu()
         values[~valid] = float("nan")
         return Readings(values=values, valid=valid, layers=list(s.monitor_layers),
-                        traits=list(s.monitor_traits), prompt_lengths=s.prompt_end.cpu().clone())
+                        traits=list(s.monitor_traits), prompt_lengths=seq.prompt_end.cpu().clone())
 
-    def set_prompt_lengths(self, lengths: Union[Sequence[int], Tensor]) -> "PersonaHandle":
-        """Per-row prompt end (absolute column) for the next fresh forward, for teacher-forced
-        prompt+response batches; by default the whole first forward of a sequence is the prompt."""
-        self._state.pending_prompt_lengths = torch.as_tensor(lengths, dtype=torch.long).view(-1)
+    def new_sequence(self, prompt_lengths: Union[int, Sequence[int], Tensor, None] = None) -> "PersonaHandle":
+        """The next forward starts a new sequence (fresh readings, new prompt boundary).
+
+        ``prompt_lengths``: where each row's response begins (an absolute column, left padding
+        included): one int for every row, or one per row (a teacher-forced prompt+response batch,
+        or a prompt fed in several forwards: those up to the boundary count as prompt). None: the
+        whole first forward is the prompt. They apply to the next forward only; if they do not
+        fit its batch it raises and they are dropped. ``generate()`` calls this by itself (its
+        prompt is its input), so it is only needed for forwards called directly.
+        """
+        self._check_active()
+        self._state.guard.check("new_sequence() was called")
+        if prompt_lengths is not None and not isinstance(prompt_lengths, int):
+            t = torch.as_tensor(prompt_lengths)
+            if t.dim() > 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise ValueError(f"prompt_lengths must be an int or a 1-D sequence of ints, got {prompt_lengths!r}")
+            prompt_lengths = t.to(torch.long).reshape(-1)
+            if prompt_lengths.numel() == 0:
+                raise ValueError("prompt_lengths is empty")
+            if bool((prompt_lengths < 0).any()):
+                raise ValueError(f"prompt_lengths must be >= 0, got {prompt_lengths.tolist()}")
+        elif isinstance(prompt_lengths, int) and prompt_lengths < 0:
+            raise ValueError(f"prompt_lengths must be >= 0, got {prompt_lengths}")
+        self._state.seq.new_sequence(prompt_lengths)
         return self
+
+    def set_prompt_lengths(self, lengths: Union[int, Sequence[int], Tensor]) -> "PersonaHandle":
+        """``new_sequence(lengths)``: per-row prompt ends for the next forward."""
+        return self.new_sequence(lengths)
 
     # ------------------------------------------------------------------ helpers
     def _check_active(self) -> None:
         if not self._active:
             raise RuntimeError("this handle was unpatched; call personakern.patch(model) again")
+
+    def _check_idle(self, what: str) -> None:
+        self._check_active()
+        self._state.guard.check(f"{what}() was called")
 
     def _layer_tensor(self, vector: VectorLike, name: str) -> Tensor:
         if isinstance(vector, PersonaVector) and isinstance(vector.meta.get("model"), dict):

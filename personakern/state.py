@@ -12,11 +12,14 @@ Positions are absolute columns of the token sequence, counting left padding: col
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .sequence import SequenceTracker
 
 POSITION_MODES = ("all", "prompt", "response")
 
@@ -74,22 +77,18 @@ class PersonaState:
         # torch.compile a branch on a list guards on its contents (renaming a trait would
         # recompile), a branch on an int only on its value
         self.n_monitored = 0
-        self.pending_prompt_lengths: Optional[Tensor] = None
-        # per sequence / per forward
-        self.batch = 0
-        self.seqlen = 0
-        self.past = 0
-        self.length = 0
+        # per sequence: positions, prompt ends, the readings buffer
+        self.seq = SequenceTracker(device)
+        self.guard = ThreadGuard()
+        # per forward
         self.coef: Optional[Tensor] = None
         self.gate_thr: Optional[Tensor] = None   # [N, S]
         self.clamp_lo: Optional[Tensor] = None   # [N, C]
         self.clamp_hi: Optional[Tensor] = None
-        self.prompt_end: Optional[Tensor] = None
-        self.buffer: Optional[Tensor] = None   # [B, capacity, Lm, M]
-        self.valid: Optional[Tensor] = None    # [B, capacity] bool
         # cross-layer fusion: block l's output op also computes block l+1's input RMSNorm
         self.next_norms: list = [None] * num_layers   # (norm module, eps, gemma) or None
-        self.stash: Optional[tuple[Tensor, Tensor]] = None  # (block output, its normed copy)
+        self.layer_modules: list = []
+        self.stash = NormStash()
 
     # ------------------------------------------------------------------ structure
     def rebuild_steering(self) -> None:
@@ -130,47 +129,28 @@ class PersonaState:
             for i, layer in enumerate(self.monitor_layers):
                 self.layer_readout[layer] = stacked[layer].contiguous()
                 self.layer_slot[layer] = i
-        self.buffer = None
-        self.valid = None
+        self.seq.drop_buffer()
 
     # ------------------------------------------------------------------ per forward
     def begin_forward(self, batch: int, seqlen: int, attention_mask: Optional[Tensor], cache) -> None:
         """Called by the patched decoder once per forward, before the first layer."""
+        seq = self.seq
+        fresh = seq.begin(batch, seqlen, attention_mask, cache)
+        self.stash.clear()
+        past = seq.past
         mask2d = attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] == batch
-        if mask2d:
-            past = attention_mask.shape[1] - seqlen
-        elif cache is not None and hasattr(cache, "get_seq_length"):
-            past = int(cache.get_seq_length())
-        else:
-            past = 0
-        fresh = past == 0 or batch != self.batch or self.prompt_end is None
-        if fresh:
-            self.batch = batch
-            if self.pending_prompt_lengths is not None:
-                ends = self.pending_prompt_lengths.to(self.device)
-                if ends.shape != (batch,):
-                    raise ValueError(f"prompt lengths given for {tuple(ends.shape)} rows, batch has {batch}")
-                self.pending_prompt_lengths = None
-            else:
-                ends = torch.full((batch,), past + seqlen, dtype=torch.long, device=self.device)
-            self.prompt_end = ends
-            self.length = 0
-        self.seqlen = seqlen
-        self.past = past
-        self.stash = None
-
         if mask2d:
             real = attention_mask[:, past:past + seqlen].to(device=self.device, dtype=torch.bool)
         else:
             real = torch.ones(batch, seqlen, dtype=torch.bool, device=self.device)
         columns = torch.arange(past, past + seqlen, device=self.device)
-        is_prompt = columns[None, :] < self.prompt_end[:, None]  # [B, T]
+        is_prompt = columns[None, :] < seq.prompt_end[:, None]  # [B, T]
 
         self.coef = self.gate_thr = self.clamp_lo = self.clamp_hi = None
         if self.slots:
             self._coefficients(batch, seqlen, real, is_prompt)
         if self.n_monitored:
-            self._prepare_buffer(fresh, past + seqlen, real)
+            seq.prepare_buffer(fresh, len(self.monitor_layers), self.n_monitored, real)
 
     def _coefficients(self, batch: int, seqlen: int, real: Tensor, is_prompt: Tensor) -> None:
         """Per-token tables of this forward: ``coef [N, S]`` (and ``gate_thr``) for additive
@@ -211,29 +191,13 @@ class PersonaState:
             self.clamp_lo = torch.stack(los, dim=-1).reshape(n, -1)
             self.clamp_hi = torch.stack(his, dim=-1).reshape(n, -1)
 
-    def _prepare_buffer(self, fresh: bool, end: int, real: Tensor) -> None:
-        n_layers, n_traits = len(self.monitor_layers), self.n_monitored
-        if fresh or self.buffer is None:
-            cap = end + 256
-            self.buffer = torch.full((self.batch, cap, n_layers, n_traits), float("nan"), device=self.device)
-            self.valid = torch.zeros(self.batch, cap, dtype=torch.bool, device=self.device)
-        elif end > self.buffer.shape[1]:
-            grow = max(end - self.buffer.shape[1], self.buffer.shape[1])
-            self.buffer = torch.cat([self.buffer, self.buffer.new_full(
-                (self.batch, grow, n_layers, n_traits), float("nan"))], dim=1)
-            self.valid = torch.cat([self.valid, self.valid.new_zeros(self.batch, grow)], dim=1)
-        self.valid[:, self.past:end] = real
-        self.length = max(self.length, end)
-
     # ------------------------------------------------------------------ called by layers
     def input_norm(self, hidden: Tensor, norm) -> Tensor:
         """Block input RMSNorm, taken from the previous block's fused output op when it is the
         normalisation of this very tensor (identity check: a user hook that replaced the
         output gets a fresh norm)."""
-        stash, self.stash = self.stash, None
-        if stash is not None and stash[0] is hidden:
-            return stash[1]
-        return norm(hidden)
+        normed = self.stash.take(hidden)
+        return norm(hidden) if normed is None else normed
 
     def block_output(self, layer: int, hidden: Tensor, delta: Tensor, fuse_next: bool = True) -> Tensor:
         """Block ``layer``'s output ``hidden + delta``, steered, with readings recorded; fused
@@ -248,7 +212,7 @@ class PersonaState:
         lo, hi = (self.clamp_lo, self.clamp_hi) if clamp is not None else (None, None)
         shape = hidden.shape
         d = shape[-1]
-        nxt = self.next_norms[layer] if fuse_next else None
+        nxt = self.next_norms[layer] if fuse_next and not self._hooked_between(layer) else None
         if nxt is None:
             out, readings = self.ops.steer_project(
                 hidden.reshape(-1, d), delta.reshape(-1, d), steer, coef, clamp, lo, hi, readout,
@@ -262,9 +226,81 @@ class PersonaState:
             self.record(layer, readings)
         out = out.view(shape)
         if nxt is not None:
-            self.stash = (out, normed.view(shape))
+            self.stash.put(out, normed.view(shape))
         return out
 
     def record(self, layer: int, readings: Tensor) -> None:
-        view = readings.detach().view(self.batch, self.seqlen, -1)
-        self.buffer[:, self.past:self.past + self.seqlen, self.layer_slot[layer]] = view
+        self.seq.record(self.layer_slot[layer], readings)
+
+    def _hooked_between(self, layer: int) -> bool:
+        """Where the stash cannot see an in-place edit (see :func:`version_blind`): no fusion if a
+        hook sits between block ``layer`` and the next."""
+        if not version_blind() or layer + 1 >= len(self.layer_modules):
+            return False
+        from torch.nn.modules import module as nn_module
+        return bool(self.layer_modules[layer]._forward_hooks or self.layer_modules[layer + 1]._forward_pre_hooks
+                    or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
+def version_blind() -> bool:
+    """True where a tensor's version counter cannot be read: under torch.compile (dynamo does not
+    trace it) and for inference-mode tensors (which have none)."""
+    return torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
+
+
+class NormStash:
+    """Block l's fused output op also computes block l+1's input RMSNorm; block l+1 takes it
+    when it receives that very tensor, unedited. An in-place edit in between (another
+    library's forward hook writing ``out[...] = ...``) bumps the tensor's version counter, and
+    the norm is computed afresh."""
+
+    def __init__(self):
+        self.item: Optional[tuple[Tensor, int, Tensor]] = None
+
+    def put(self, out: Tensor, normed: Tensor) -> None:
+        self.item = (out, None if version_blind() else out._version, normed)
+
+    def take(self, hidden: Tensor) -> Optional[Tensor]:
+        item, self.item = self.item, None
+        if item is not None and item[0] is hidden and (item[1] is None or hidden._version == item[1]):
+            return item[2]
+        return None
+
+    def clear(self) -> None:
+        self.item = None
+
+
+class ThreadGuard:
+    """One patched model runs one ``generate()`` or forward at a time: its steering tables, the
+    sequence and the readings are one state per model, so a second thread would silently mix
+    its alphas and readings with the first one's. The second thread gets a clear error instead
+    (the same thread may nest: ``generate()`` calls the forward)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owner: Optional[int] = None
+        self._depth = 0
+
+    def enter(self, what: str) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            if self._owner is not None and self._owner != me:
+                raise RuntimeError(
+                    f"personakern: {what} while this patched model is running in another thread; its "
+                    f"steering, sequence and readings are one state per model. Run one generate()/forward "
+                    f"at a time, or give each thread its own model (and patch)")
+            self._owner = me
+            self._depth += 1
+
+    def exit(self) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+
+    def check(self, what: str) -> None:
+        """For a call that changes the state: refused while another thread runs the model."""
+        with self._lock:
+            if self._owner is not None and self._owner != threading.get_ident():
+                raise RuntimeError(f"personakern: {what} while this patched model is running in another "
+                                   f"thread; wait for its generate()/forward to return")

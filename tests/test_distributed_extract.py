@@ -44,18 +44,25 @@ def model_dir(tmp_path_factory):
 
 
 def in_process(model_dir, out, monkeypatch):
-    """The command without a launcher, in this process."""
+    """The command without a launcher, in this process, on one thread like each torchrun rank:
+    the activation files are compared bit for bit, and a float sum's rounding depends on how
+    many threads split it (the machine's default is 2, or whatever OMP_NUM_THREADS says)."""
     from personakern.cli.main import main
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    return main(ARGS + ["--model", str(model_dir), "--out", str(out)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(ARGS + ["--model", str(model_dir), "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def torchrun(model_dir, out, nproc=2):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")  # = in_process
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",

@@ -7,7 +7,7 @@ import transformers
 from torch import nn
 
 from . import gemma, llama, phi3
-from .common import ATTR, install_decoder_forward, install_layer_forward, norm_spec, restore_forward
+from .common import ATTR, install_decoder_forward, install_generate, install_layer_forward, norm_spec, restore_forward
 
 FAMILIES: dict[str, ModuleType] = {t: m for m in (llama, gemma, phi3) for t in m.MODEL_TYPES}
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
@@ -50,7 +50,7 @@ def family_of(model: nn.Module) -> ModuleType:
 def apply(model: nn.Module, state, handle) -> list:
     """Install the patched forwards. Checks everything first, so a failure changes nothing.
 
-    Returns what :func:`remove` needs to restore: ``(module, previous instance forward)``.
+    Returns what :func:`remove` needs to restore: ``(module, method name, previous instance attribute)``.
     """
     family = family_of(model)
     decoder = find_decoder(model)
@@ -62,19 +62,24 @@ def apply(model: nn.Module, state, handle) -> list:
     layers = list(decoder.layers)
     # build every body first: a layer the family cannot handle raises before anything changes
     bodies = [family.make_forward(layer, state, i) for i, layer in enumerate(layers)]
-    saved = [(m, m.__dict__.get("forward")) for m in (*layers, decoder)]
+    saved = [(m, "forward", m.__dict__.get("forward")) for m in (*layers, decoder)]
+    if callable(getattr(model, "generate", None)):
+        saved.append((model, "generate", model.__dict__.get("generate")))
+    state.layer_modules = layers
     state.next_norms = [norm_spec(layers[i + 1].input_layernorm) if i + 1 < len(layers) else None
                         for i in range(len(layers))]
     for layer, body in zip(layers, bodies):
         install_layer_forward(layer, body, _returns_tuple(family))
     install_decoder_forward(decoder, state)
+    if callable(getattr(model, "generate", None)):
+        install_generate(model, state)
     setattr(decoder, ATTR, handle)
     return saved
 
 
 def remove(model: nn.Module, saved: list) -> None:
-    for module, previous in saved:
-        restore_forward(module, previous)
+    for module, name, previous in saved:
+        restore_forward(module, previous, name)
     find_decoder(model).__dict__.pop(ATTR, None)
 
 

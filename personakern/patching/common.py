@@ -77,8 +77,22 @@ def positional_names(fn: Callable) -> list[str]:
     return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
+def _cache_of(kwargs: dict, output):
+    """The cache this forward used: the caller's, or the one the model created (its output's
+    ``cache``, ``past_key_values`` up to transformers 5.2x)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None:
+        return cache
+    for name in ("cache", "past_key_values"):
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return cache
+    return None
+
+
 def install_decoder_forward(decoder: nn.Module, state) -> None:
-    """Wrap the decoder stack's forward so the state sees each forward's shape and mask first."""
+    """Wrap the decoder stack's forward so the state sees each forward's shape, mask and cache
+    first (and tags the cache after, see :mod:`personakern.sequence`)."""
     original = decoder.forward
     names = positional_names(original)
 
@@ -89,10 +103,44 @@ def install_decoder_forward(decoder: nn.Module, state) -> None:
         if ref is None:
             ref = kwargs.get("inputs_embeds")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        state.begin_forward(ref.shape[0], ref.shape[1], kwargs.get("attention_mask"), cache)
-        return original(**kwargs)
+        compiling = torch.compiler.is_compiling()
+        if not compiling:  # dynamo cannot trace a lock; compiled callers are on their own
+            state.guard.enter("a forward was called")
+        try:
+            state.begin_forward(ref.shape[0], ref.shape[1], kwargs.get("attention_mask"), cache)
+            output = original(**kwargs)
+            state.seq.end(_cache_of(kwargs, output))
+            return output
+        finally:
+            if not compiling:
+                state.guard.exit()
 
     decoder.forward = forward
+
+
+def install_generate(model: nn.Module, state) -> None:
+    """Wrap ``model.generate`` so each call is one sequence whose prompt is its input (see
+    :mod:`personakern.sequence`): ``positions="response"`` then means the generated tokens,
+    with or without a cache, however the prompt is prefilled."""
+    original = model.generate
+
+    def generate(*args, **kwargs):
+        state.guard.enter("generate() was called")
+        seq = state.seq
+        outer = seq.generating
+        try:
+            prompt = args[0] if args else next((kwargs[k] for k in ("inputs", "input_ids", "inputs_embeds")
+                                                if kwargs.get(k) is not None), None)
+            if seq.pending is None:  # prompt lengths the caller gave explicitly win
+                seq.new_sequence(prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2
+                                 else None)
+            seq.generating = True    # the first forward starts the sequence, the others continue it
+            return original(*args, **kwargs)
+        finally:
+            seq.generating = outer
+            state.guard.exit()
+
+    model.generate = generate
 
 
 def install_layer_forward(layer: nn.Module, body: Callable, returns_tuple: bool) -> None:
@@ -116,9 +164,9 @@ def install_layer_forward(layer: nn.Module, body: Callable, returns_tuple: bool)
     layer.forward = forward
 
 
-def restore_forward(module: nn.Module, previous) -> None:
-    """Put back what ``module.__dict__['forward']`` held before patching (usually nothing)."""
+def restore_forward(module: nn.Module, previous, name: str = "forward") -> None:
+    """Put back what ``module.__dict__[name]`` held before patching (usually nothing)."""
     if previous is None:
-        module.__dict__.pop("forward", None)
+        module.__dict__.pop(name, None)
     else:
-        module.__dict__["forward"] = previous
+        module.__dict__[name] = previous
