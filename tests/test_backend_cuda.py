@@ -161,7 +161,7 @@ def test_group_sizes(backend, s, c, m, d, dtype):
 def test_many_readouts_and_max_clamps(backend, dtype):
     """Readouts beyond one reduction round; the most clamp vectors the kernel holds; one more
     falls back to native."""
-    cap = 8  # kMaxProj in csrc/cuda/persona_kernels.h
+    cap = 8  # kMaxProj in personakern/csrc/cuda/persona_kernels.h
     for c, m in ((cap, 2 * cap + 3), (cap + 1, 1)):
         compare(backend, make_case(64, 576, dtype, s=2, c=c, m=m, seed=c), dtype, gemma=False)
 

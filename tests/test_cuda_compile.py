@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+CSRC = Path(__file__).resolve().parents[1] / "personakern" / "csrc" / "cuda"
 ARCHS = ("80", "90")
 
 
