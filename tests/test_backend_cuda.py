@@ -174,6 +174,45 @@ def test_rows_longer_than_shared_memory(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [12080, 12081, 12288])
+def test_rows_at_the_48kb_edge(backend, d, dtype):
+    """The fp32 row cache (4 D bytes) and the kernel's static arrays (832 bytes) pass 48 KB
+    together from D = 12081, while 4 D alone stays within it up to 12288 (a real hidden size):
+    these launches need the shared-memory opt-in (tests/test_cuda_launch_plan.py)."""
+    for n in (1, 5):
+        compare(backend, make_case(n, d, dtype, seed=d + n), dtype, gemma=n == 5)
+
+
+def _cudart(backend):
+    """The CUDA runtime the extension itself calls (its last-error slot is the one that matters)."""
+    import ctypes
+    import subprocess
+
+    lib = backend._state["ext"].__file__
+    out = subprocess.run(["ldd", lib], capture_output=True, text=True).stdout
+    paths = [line.split("=>")[1].split()[0] for line in out.splitlines() if "libcudart" in line and "=>" in line]
+    if not paths:
+        pytest.skip(f"cannot find the CUDA runtime {lib} links (static?)")
+    return ctypes.CDLL(paths[0])
+
+
+def test_launch_ignores_an_earlier_error(backend):
+    """An error another call left on this thread is not this launch's error: the op runs. (A
+    check with cudaGetLastError after a <<<>>> launch reported it as the launch's.)"""
+    case = make_case(5, 576, torch.float32, seed=3)
+    ref = native.rms_norm(case.hidden, case.weight, EPS)
+    rt = _cudart(backend)
+    torch.cuda.synchronize()
+    assert rt.cudaSetDevice(-1) != 0  # cudaErrorInvalidDevice: not sticky, left in the slot
+    try:
+        assert rt.cudaPeekAtLastError() != 0
+        got = backend.rms_norm(case.hidden, case.weight, EPS)
+    finally:
+        rt.cudaGetLastError()  # the next torch kernel must not report it either
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,d", [(1, 1), (3, 7), (64, 576), (5, 4099), (4096, 2048)])
 def test_idle_is_bit_exact(backend, n, d, dtype):
     """No steering, zero coefficients or (-inf, inf) clamps: the block output is exactly

@@ -33,7 +33,7 @@ from . import native
 
 NAME = "cuda"
 
-_SOURCES = ("persona_kernels.h", "row_utils.cuh", "persona_kernels.cu", "binding.cpp")
+_SOURCES = ("persona_kernels.h", "launch_plan.h", "row_utils.cuh", "persona_kernels.cu", "binding.cpp")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _log = logging.getLogger(__name__)
 
