@@ -263,6 +263,9 @@ def test_import_does_not_build_and_no_build_env(tmp_path, monkeypatch):
     monkeypatch.setenv("PERSONAKERN_NO_BUILD", "1")
     probe = fresh_module()
     assert not any(tmp_path.iterdir()) and not probe._tried
+    # no ahead-of-time library either (an install built with torch at hand has one; it is used
+    # under PERSONAKERN_NO_BUILD, see test_packaging.py)
+    monkeypatch.setattr(probe, "_AOT_DIR", tmp_path / "no-aot")
     assert probe.available() is False
     assert "PERSONAKERN_NO_BUILD" in probe.unavailable_reason()
     with pytest.raises(RuntimeError):

@@ -161,7 +161,7 @@ def test_group_sizes(backend, s, c, m, d, dtype):
 def test_many_readouts_and_max_clamps(backend, dtype):
     """Readouts beyond one reduction round; the most clamp vectors the kernel holds; one more
     falls back to native."""
-    cap = 8  # kMaxProj in csrc/cuda/persona_kernels.h
+    cap = 8  # kMaxProj in personakern/csrc/cuda/persona_kernels.h
     for c, m in ((cap, 2 * cap + 3), (cap + 1, 1)):
         compare(backend, make_case(64, 576, dtype, s=2, c=c, m=m, seed=c), dtype, gemma=False)
 
@@ -171,6 +171,45 @@ def test_rows_longer_than_shared_memory(backend, dtype):
     """Rows whose fp32 copy exceeds shared memory are recomputed from global memory."""
     for d in (16384, 65536, 65536 + 8):
         compare(backend, make_case(3, d, dtype, seed=d), dtype, gemma=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [12080, 12081, 12288])
+def test_rows_at_the_48kb_edge(backend, d, dtype):
+    """The fp32 row cache (4 D bytes) and the kernel's static arrays (832 bytes) pass 48 KB
+    together from D = 12081, while 4 D alone stays within it up to 12288 (a real hidden size):
+    these launches need the shared-memory opt-in (tests/test_cuda_launch_plan.py)."""
+    for n in (1, 5):
+        compare(backend, make_case(n, d, dtype, seed=d + n), dtype, gemma=n == 5)
+
+
+def _cudart(backend):
+    """The CUDA runtime the extension itself calls (its last-error slot is the one that matters)."""
+    import ctypes
+    import subprocess
+
+    lib = backend._state["ext"].__file__
+    out = subprocess.run(["ldd", lib], capture_output=True, text=True).stdout
+    paths = [line.split("=>")[1].split()[0] for line in out.splitlines() if "libcudart" in line and "=>" in line]
+    if not paths:
+        pytest.skip(f"cannot find the CUDA runtime {lib} links (static?)")
+    return ctypes.CDLL(paths[0])
+
+
+def test_launch_ignores_an_earlier_error(backend):
+    """An error another call left on this thread is not this launch's error: the op runs. (A
+    check with cudaGetLastError after a <<<>>> launch reported it as the launch's.)"""
+    case = make_case(5, 576, torch.float32, seed=3)
+    ref = native.rms_norm(case.hidden, case.weight, EPS)
+    rt = _cudart(backend)
+    torch.cuda.synchronize()
+    assert rt.cudaSetDevice(-1) != 0  # cudaErrorInvalidDevice: not sticky, left in the slot
+    try:
+        assert rt.cudaPeekAtLastError() != 0
+        got = backend.rms_norm(case.hidden, case.weight, EPS)
+    finally:
+        rt.cudaGetLastError()  # the next torch kernel must not report it either
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

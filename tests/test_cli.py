@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -45,6 +46,12 @@ def test_info(capsys):
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert "native" in info["backends"] and "llama" in info["supported_model_types"]
+    from personakern.backends import cpu
+    assert info["cpu_backend"]["usable"] == cpu.available()
+    if cpu.available():
+        assert info["cpu_backend"]["build"] in ("aot", "jit") and Path(info["cpu_backend"]["library"]).is_file()
+    else:
+        assert info["cpu_backend"]["reason"] == cpu.unavailable_reason()
 
 
 def test_steer_cap_ablate_when_flags(capsys, smollm2):

@@ -8,6 +8,7 @@ kernel that does not build for the architectures the backend targets. The torch 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -16,7 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+CSRC = Path(__file__).resolve().parents[1] / "personakern" / "csrc" / "cuda"
+# the kernel's __shared__ arrays, by hand: float scratch[16 * 9], gated_rows[4][8], ex_rows[4][8];
+# tests/test_cuda_launch_plan.py checks the launch decision with this number
+STATIC_SMEM = (16 * 9 + 4 * 8 + 4 * 8) * 4
 ARCHS = ("80", "90")
 
 
@@ -35,7 +39,7 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH (nor in $
 
 @needs_nvcc
 def test_kernels_compile_for_sm80_and_sm90(tmp_path):
-    cmd = [NVCC, "-c", "-O3", "-std=c++17"]
+    cmd = [NVCC, "-c", "-O3", "-std=c++17", "--resource-usage"]
     for arch in ARCHS:
         cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     cmd += ["-o", str(tmp_path / "persona_kernels.o"), str(CSRC / "persona_kernels.cu")]
@@ -45,6 +49,12 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     print(f"nvcc sm_{'+sm_'.join(ARCHS)}: {elapsed:.1f} s")
     assert proc.returncode == 0, f"nvcc failed ({elapsed:.1f} s):\n{' '.join(cmd)}\n{proc.stderr}{proc.stdout}"
     assert (tmp_path / "persona_kernels.o").stat().st_size > 0
+    # ptxas: "Compiling entry function '<rows_kernel<T, VEC>>' for 'sm_XX'" then its
+    # "Used N registers, ..., B bytes smem" line
+    report = proc.stdout + proc.stderr
+    smem = re.findall(r"entry function '(\S*rows_kernel\S*)' for 'sm_(\d+)'.*?(\d+) bytes smem", report, re.S)
+    assert {arch for _, arch, _ in smem} == set(ARCHS) and len(smem) == 6 * len(ARCHS), report[-3000:]
+    assert {int(b) for _, _, b in smem} == {STATIC_SMEM}, smem
 
 
 @needs_nvcc

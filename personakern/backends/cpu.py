@@ -1,10 +1,19 @@
-"""CPU backend: the ops of :mod:`personakern.backends.native` as vectorized C++ (``csrc/cpu``).
+"""CPU backend: the ops of :mod:`personakern.backends.native` as vectorized C++ (``personakern/csrc/cpu``).
 
-The extension is compiled just in time, on the first call to :func:`available` or to an op, never
-at import. Builds are cached in ``$PERSONAKERN_CACHE/build/cpu-<key>`` (default
-``~/.cache/personakern``); the key covers the sources, torch, Python, the machine and the SIMD
-level the code is compiled for, so a cache shared between different machines stays correct.
-``PERSONAKERN_NO_BUILD=1`` forbids compiling (an already cached build is still used).
+The extension is loaded on the first call to :func:`available` or to an op, never at import,
+from the first of:
+
+1. the library ``setup.py`` built ahead of time beside this file (an install built where torch was
+   importable: ``pip install --no-build-isolation .``, a wheel built that way, ``install.sh``),
+   if its build record matches this process: same torch, same SIMD level the just-in-time build
+   would pick on this machine, same flags, built from the sources installed;
+2. a just-in-time build of the sources shipped in the package, cached in
+   ``$PERSONAKERN_CACHE/build/cpu-<key>`` (default ``~/.cache/personakern``; the key covers the
+   sources, torch, Python, the machine and the SIMD level, so a cache shared between machines
+   stays correct); compiled with ninja on first use.
+
+``PERSONAKERN_NO_BUILD=1`` forbids compiling (the ahead-of-time library and a cached build are
+still used). :func:`build_info` says which one runs, or why none does.
 
 Once loaded, the module-level op names are rebound to the C entry points, so a call through
 ``backend.op(...)`` goes straight to C with no Python frame in between. The C side handles the
@@ -15,6 +24,7 @@ reference whichever path runs.
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import importlib.util
 import logging
 import os
@@ -29,49 +39,34 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import native
+from . import cpu_build, native
 
 NAME = "cpu"
 
-_EXT_NAME = "personakern_cpu_ops"
-_SRC_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
+_EXT_NAME = cpu_build.EXT_NAME
+_SRC_DIR = cpu_build.SRC_DIR
+# setup.py builds the extension as personakern.backends.<_EXT_NAME>, i.e. into this folder
+_AOT_DIR = Path(__file__).resolve().parent
 _OPS = ("rms_norm", "steer_project", "add_rms_norm", "add_rms_norm_steer_project")
-
-# Compiler flags per ATen SIMD level, the same ISA sets ATen compiles its own kernels with. Not
-# -march=native: a cached build must never use instructions the level does not promise.
-_ISA_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
-}
 
 _lock = threading.Lock()
 _ext = None
 _reason: Optional[str] = None
 _tried = False
+_kind: Optional[str] = None  # "aot" or "jit", once loaded
+_aot_note: Optional[str] = None  # why the ahead-of-time library was not used
 
 
 def _capability() -> str:
-    cap = torch.backends.cpu.get_cpu_capability()
-    # Only x86 levels get their vector path; others build ATen's portable (or NEON) code.
-    if platform.machine().lower() in ("x86_64", "amd64") and cap in _ISA_FLAGS:
-        return cap
-    return "DEFAULT"
+    return cpu_build.capability(torch.backends.cpu.get_cpu_capability(), platform.machine())
 
 
 def _flags(cap: str) -> list[str]:
-    # -ffp-contract=off: a product must stay rounded before it is added wherever the reference
-    # rounds it (the squares of RMSNorm); explicit FMAs are written as such.
-    flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-fvisibility=hidden", "-DNDEBUG"]
-    # A namespace of our own keeps our inline ATen vector functions from ever being merged with
-    # libtorch's copies built for a different ISA.
-    flags += [f"-DCPU_CAPABILITY=personakern_{cap.lower()}"]
-    if cap != "DEFAULT":
-        flags += [f"-DCPU_CAPABILITY_{cap}"] + _ISA_FLAGS[cap]
-    return flags
+    return cpu_build.flags(cap)
 
 
 def _sources() -> list[Path]:
-    return sorted(p for p in _SRC_DIR.glob("*") if p.suffix in (".cpp", ".h"))
+    return cpu_build.sources(_SRC_DIR)
 
 
 def _build_dir(cap: str, flags: list[str]) -> Path:
@@ -85,20 +80,53 @@ def _build_dir(cap: str, flags: list[str]) -> Path:
     return root / "build" / f"cpu-{key.hexdigest()[:16]}"
 
 
-def _import_built(build_dir: Path):
-    path = build_dir / f"{_EXT_NAME}.so"
-    if not path.is_file():
-        return None
+def _import_file(path: Path):
     spec = importlib.util.spec_from_file_location(_EXT_NAME, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def _import_built(build_dir: Path):
+    path = build_dir / f"{_EXT_NAME}.so"
+    return _import_file(path) if path.is_file() else None
+
+
+def _aot_library(directory: Path) -> Optional[Path]:
+    # only a file this interpreter's ABI can import (its suffix names the ABI)
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = directory / f"{_EXT_NAME}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _load_aot(cap: str):
+    """(module, None), or (None, why the ahead-of-time library is not used). The record is
+    checked before the library is opened: a library built for another torch or a wider SIMD
+    level must not even be loaded."""
+    path = _aot_library(_AOT_DIR)
+    if path is None:
+        return None, "no ahead-of-time build in this install"
+    built = cpu_build.read_record(_AOT_DIR / f"{_EXT_NAME}{cpu_build.RECORD_SUFFIX}")
+    why = cpu_build.mismatch(built, cpu_build.record(torch.__version__, cap, platform.machine(), _SRC_DIR))
+    if why is not None:
+        return None, f"ahead-of-time build not used: {why}"
+    try:
+        return _import_file(path), None
+    except Exception as exc:  # e.g. a libtorch symbol this torch lacks
+        return None, f"ahead-of-time build failed to load: {str(exc).strip()[:200]}"
+
+
 def _build():
+    global _kind, _aot_note
+    cap = _capability()
+    module, _aot_note = _load_aot(cap)
+    if module is not None:
+        _kind = "aot"
+        return module
     if not _sources():
         raise RuntimeError(f"C++ sources not found in {_SRC_DIR}")
-    cap = _capability()
     flags = _flags(cap)
     build_dir = _build_dir(cap, flags)
     build_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -108,11 +136,12 @@ def _build():
     with open(build_dir.parent / f"{build_dir.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         module = _import_built(build_dir)
-        if module is not None:
-            return module
-        if os.environ.get("PERSONAKERN_NO_BUILD", "") not in ("", "0"):
-            raise RuntimeError("PERSONAKERN_NO_BUILD is set and no cached build exists")
-        return _compile(build_dir, flags)
+        if module is None:
+            if os.environ.get("PERSONAKERN_NO_BUILD", "") not in ("", "0"):
+                raise RuntimeError("PERSONAKERN_NO_BUILD is set and no cached build exists")
+            module = _compile(build_dir, flags)
+    _kind = "jit"
+    return module
 
 
 def _compile(build_dir: Path, flags: list[str]):
@@ -135,7 +164,7 @@ def _compile(build_dir: Path, flags: list[str]):
                 name=_EXT_NAME,
                 sources=[str(p) for p in _sources() if p.suffix == ".cpp"],
                 extra_cflags=flags,
-                extra_ldflags=["-fopenmp"],
+                extra_ldflags=cpu_build.LINK_FLAGS,
                 build_directory=str(build_dir),
                 verbose=False,
             )
@@ -159,6 +188,8 @@ def _load():
             # For a failed compile the first compiler error says more than the last line.
             errors = [line for line in lines if "error:" in line.lower()]
             _reason = f"cpu extension unavailable: {(errors or lines)[0].strip()[:300]}"
+            if _aot_note is not None:
+                _reason += f"; {_aot_note}"
             ext = None
         else:
             globals().update({op: getattr(ext, op) for op in _OPS})
@@ -176,6 +207,16 @@ def unavailable_reason() -> Optional[str]:
     """Why :func:`available` is False (None when it is True)."""
     _load()
     return _reason
+
+
+def build_info() -> dict:
+    """Which library runs the backend: ``build`` is ``"aot"`` (built with the package),
+    ``"jit"`` (built from the installed sources on this machine) or None (unavailable, see
+    ``reason``); ``aot`` says why an ahead-of-time library was not used. Loads (builds) it."""
+    ext = _load()
+    return {"usable": ext is not None, "build": _kind if ext is not None else None,
+            "library": getattr(ext, "__file__", None), "sources": str(_SRC_DIR),
+            "aot": _aot_note, "reason": _reason}
 
 
 def _require():

@@ -1,7 +1,8 @@
 """CUDA backend: the ops of :mod:`personakern.backends.native` as one fused row kernel each.
 
-The kernels (``csrc/cuda/persona_kernels.cu``) are torch-free; ``csrc/cuda/binding.cpp`` wraps
-them for torch. Both are compiled just in time on the first :func:`available` (or
+The kernels (``personakern/csrc/cuda/persona_kernels.cu``, package data, so every install
+carries them) are torch-free; ``binding.cpp`` beside them wraps them for torch. Both are
+compiled just in time on the first :func:`available` (or
 :func:`unavailable_reason`) call, for the GPUs present, into
 ``$PERSONAKERN_CACHE/build/cuda-<hash>``; the hash covers the sources, torch, CUDA, Python and
 the target architectures, so an upgrade never loads a stale library. Importing this module
@@ -32,7 +33,7 @@ from . import native
 
 NAME = "cuda"
 
-_SOURCES = ("persona_kernels.h", "row_utils.cuh", "persona_kernels.cu", "binding.cpp")
+_SOURCES = ("persona_kernels.h", "launch_plan.h", "row_utils.cuh", "persona_kernels.cu", "binding.cpp")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _log = logging.getLogger(__name__)
 
@@ -42,8 +43,7 @@ _state: dict = {"tried": False, "ext": None, "reason": None}
 
 # ---------------------------------------------------------------------------- build
 def _source_dir() -> Path:
-    # csrc/ sits next to the package in a checkout or an editable install
-    return Path(__file__).resolve().parents[2] / "csrc" / "cuda"
+    return Path(__file__).resolve().parents[1] / "csrc" / "cuda"
 
 
 def _arch_flags() -> list[str]:
@@ -80,8 +80,8 @@ def _build():
     src = _source_dir()
     missing = [name for name in _SOURCES if not (src / name).is_file()]
     if missing:
-        raise RuntimeError(f"CUDA sources not found in {src} (missing {', '.join(missing)}); "
-                           "the cuda backend needs a source checkout or an editable install")
+        raise RuntimeError(f"CUDA sources not found in {src} (missing {', '.join(missing)}): "
+                           "this install of personakern is incomplete")
     arch = _arch_flags()
     # No fast math: the IEEE adds, multiplies and roundings are what make the results match
     # native. No -std either: torch picks the standard its headers need (C++20 from 2.13).

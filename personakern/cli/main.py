@@ -224,8 +224,12 @@ def cmd_info(args):
     import transformers
     import personakern
     from personakern import ops
+    from personakern.backends import cpu
+    # loads the CPU extension (its first just-in-time build takes a while): "usable" is a fact, not a guess
+    build = cpu.build_info()
     print(json.dumps({"personakern": personakern.__version__, "torch": torch.__version__,
                       "transformers": transformers.__version__, "backends": ops.available_backends(),
+                      "cpu_backend": {k: v for k, v in build.items() if v is not None},
                       "supported_model_types": list(personakern.SUPPORTED_MODEL_TYPES)}, indent=2))
     return 0
 
@@ -291,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-results")
     b.set_defaults(func=cmd_bench)
 
-    i = sub.add_parser("info", help="versions, backends and supported model types")
+    i = sub.add_parser("info", help="versions, backends (how the cpu one was built, or why it is unavailable) "
+                                    "and supported model types")
     i.set_defaults(func=cmd_info)
 
     from .pipeline_cmds import register

@@ -12,20 +12,19 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
+
+#include "launch_plan.h"
 #include "row_utils.cuh"
 
 namespace personakern_cuda {
 namespace {
 
 using namespace detail;
+using launch::kMaxThreads;
+using launch::kRowsPerWarpBlock;
+static_assert(launch::kWarp == kWarp, "launch_plan.h and row_utils.cuh disagree on the warp size");
 
-// 512 rather than 1024 so that __launch_bounds__ leaves 128 registers a thread: the
-// projection accumulators live in registers.
-constexpr int kMaxThreads = 512;
-constexpr int kVecsPerThread = 4;
-constexpr int kWarpRowMaxVecs = kWarp * kVecsPerThread;
-constexpr int kRowsPerWarpBlock = 4;
-constexpr size_t kDefaultSmem = 48 * 1024;
 constexpr int kScratch = (kMaxThreads / kWarp) * (kMaxProj + 1);
 
 template <typename T>
@@ -274,38 +273,71 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Args<T> p) {
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
+// The error a call returned, taken off the thread's last-error slot too: the caller gets it as
+// a return value (the binding raises it), so a later cudaGetLastError elsewhere, torch's
+// launch checks included, must not report it a second time.
+cudaError_t take(cudaError_t err) {
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return err;
+}
+
+// The kernel's static shared memory (its __shared__ arrays) on `device`, queried once per
+// device: a runtime query on every launch would cost more than a decode-shape kernel.
 template <typename T, int VEC>
-cudaError_t launch_typed(Args<T> p, cudaStream_t stream) {
-  const int64_t nvec = p.dim / VEC;
-  if (nvec <= kWarpRowMaxVecs) {
-    p.group = kWarp;
-    p.rows_per_block = kRowsPerWarpBlock;
-  } else {
-    const int64_t want = (nvec + kVecsPerThread - 1) / kVecsPerThread;
-    const int64_t rounded = (want + kWarp - 1) / kWarp * kWarp;
-    p.group = static_cast<int>(rounded < kMaxThreads ? rounded : kMaxThreads);
-    p.rows_per_block = 1;
-  }
-  size_t smem = static_cast<size_t>(p.rows_per_block) * static_cast<size_t>(p.dim) * sizeof(float);
-  p.cached = true;
-  if (smem > kDefaultSmem) {
-    int device = 0, optin = 0;
-    const bool ok =
-        cudaGetDevice(&device) == cudaSuccess &&
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
-        smem + kScratch * sizeof(float) <= static_cast<size_t>(optin) &&
-        cudaFuncSetAttribute(rows_kernel<T, VEC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem)) == cudaSuccess;
-    if (!ok) {
-      (void)cudaGetLastError();  // a refused attribute is not an error of this launch
-      p.cached = false;
-      smem = 0;
+cudaError_t static_smem(int device, size_t* bytes) {
+  constexpr int kDevices = 64;
+  static std::atomic<int64_t> known[kDevices];  // bytes + 1; 0 until queried
+  const bool slot = device >= 0 && device < kDevices;
+  if (slot) {
+    const int64_t v = known[device].load(std::memory_order_relaxed);
+    if (v > 0) {
+      *bytes = static_cast<size_t>(v - 1);
+      return cudaSuccess;
     }
   }
+  cudaFuncAttributes attr{};
+  const cudaError_t err = cudaFuncGetAttributes(&attr, rows_kernel<T, VEC>);
+  if (err != cudaSuccess) return take(err);  // e.g. no kernel image for this GPU
+  *bytes = attr.sharedSizeBytes;
+  if (slot) known[device].store(static_cast<int64_t>(attr.sharedSizeBytes) + 1, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+template <typename T, int VEC>
+cudaError_t launch_typed(Args<T> p, cudaStream_t stream) {
+  int device = 0, default_limit = 0, optin = 0;
+  size_t static_bytes = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = static_smem<T, VEC>(device, &static_bytes);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&default_limit, cudaDevAttrMaxSharedMemoryPerBlock, device);
+  if (err != cudaSuccess) return take(err);
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    optin = 0;  // unknown: stay within the default limit
+  }
+  launch::Plan plan = launch::plan(p.dim, VEC, static_bytes, static_cast<size_t>(default_limit),
+                                   static_cast<size_t>(optin));
+  if (plan.opt_in && cudaFuncSetAttribute(rows_kernel<T, VEC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(plan.dynamic_smem)) != cudaSuccess) {
+    (void)cudaGetLastError();  // refused: not an error of this launch, recompute the rows instead
+    plan = launch::plan(p.dim, VEC, static_bytes, static_cast<size_t>(default_limit), 0);
+  }
+  p.group = plan.group;
+  p.rows_per_block = plan.rows_per_block;
+  p.cached = plan.cached;
   const int64_t blocks = (p.rows + p.rows_per_block - 1) / p.rows_per_block;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  rows_kernel<T, VEC><<<static_cast<unsigned>(blocks), p.group * p.rows_per_block, smem, stream>>>(p);
-  return cudaGetLastError();
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(static_cast<unsigned>(p.group * p.rows_per_block));
+  config.dynamicSmemBytes = plan.dynamic_smem;
+  config.stream = stream;
+  // cudaLaunchKernelEx returns this launch's own error (too much shared memory, no kernel image
+  // for this GPU, a bad configuration). A <<<>>> launch reports it only through
+  // cudaGetLastError, which returns whatever error any earlier call on this thread left behind
+  // (torch's, another library's) as if it were this launch's. An earlier kernel that broke the
+  // context still shows here: that is the device's state, every call returns it.
+  return take(cudaLaunchKernelEx(&config, rows_kernel<T, VEC>, p));
 }
 
 template <typename T>
