@@ -87,6 +87,28 @@ class Readings:
         return pandas.DataFrame(self.to_records(),
                                 columns=["row", "position", "layer", "trait", "projection", "prompt"])
 
+    def to_html(self, tokens=None, *, tokenizer=None, ids=None, row: Optional[int] = None,
+                trait: Optional[str] = None, layer: Optional[int] = None, traits=None, layers=None,
+                title: Optional[str] = None, row_labels=None):
+        """One self-contained HTML page (no network): the tokens of ``row`` (default: every row,
+        with a row selector) shaded by projection, a trait and block selector, each token's reading
+        at every block on hover or click, and a token x block heatmap. Returns the page as a
+        ``str`` (which a notebook displays); write it with ``Path(p).write_text(page)``.
+
+        Token text: ``tokens`` gives one string per column for each row (``tokens[b][t]`` is column
+        ``t`` of ``generate()``'s output, padding included), or ``tokenizer`` with ``ids`` (that
+        output) decodes them; without either, tokens are labelled by column. ``trait``/``layer``:
+        what the tokens are shaded by first (default: the first trait, the middle layer);
+        ``traits``/``layers``: what the page holds (default: everything monitored)."""
+        from .monitoring.html import page
+        return page(self, tokens, tokenizer=tokenizer, ids=ids, row=row, trait=trait, layer=layer,
+                    traits=traits, layers=layers, title=title, row_labels=row_labels)
+
+    def _repr_html_(self) -> str:
+        from .monitoring.html import REPR_VALUES, iframe, page
+        return iframe(page(self, title="Readings (tokens labelled by column: to_html(tokenizer=, ids=) "
+                                       "shows their text)", max_values=REPR_VALUES))
+
     def save(self, path: str) -> None:
         from safetensors.torch import save_file
         save_file({"values": self.values.contiguous(), "valid": self.valid.to(torch.uint8).contiguous(),

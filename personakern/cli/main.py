@@ -190,10 +190,24 @@ def cmd_monitor(args):
                             title=f"{prompt[:70]}" + (f"  (steered: {pv.trait} x {args.alpha:g} at block {layer})"
                                                      if args.alpha else ""))
                 print(f"traces of {', '.join(readings.traits)} at blocks {layers} written to {target}")
+        if args.html:
+            _write_html(args, tok, readings, out, pv.trait, layer)
         if args.save:
             readings.save(args.save)
             print(f"\nreadings of all layers saved to {args.save}")
     return 0
+
+
+def _write_html(args, tok, readings, out, trait, layer):
+    from pathlib import Path
+    steered = f" (steered: {trait} x {args.alpha:g} at block {layer})" if args.alpha else ""
+    page = readings.to_html(tokenizer=tok, ids=out, trait=trait, layer=layer, row_labels=list(args.prompt),
+                            title=f"personakern monitor: {args.model}{steered}")
+    path = Path(args.html)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="ascii")  # the page escapes everything else
+    print(f"page of {', '.join(readings.traits)} at {len(readings.layers)} blocks, {len(args.prompt)} "
+          f"row{'s' if len(args.prompt) > 1 else ''}, written to {path} ({len(page) / 1024:.0f} KB)")
 
 
 def cmd_bench(args):
@@ -279,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--traits", nargs="+", default=None,
                    help="monitor these traits of the --vector file too ('all' = every one)")
     m.add_argument("--png", default=None, help="plot the per-token traces of every monitored trait here")
+    m.add_argument("--html", default=None, metavar="PATH",
+                   help="write one self-contained page here: tokens shaded per trait and block, the readings "
+                        "of every block on hover, the token x block heatmap")
     m.add_argument("--plot-layers", type=int, nargs="+", default=None,
                    help="blocks to plot (default: each trait's chosen block and the displayed one)")
     m.add_argument("--no-color", action="store_true")
