@@ -10,16 +10,24 @@ cd "$(dirname "$0")/.."
 repo=$PWD
 start=$(date +%s)
 work=$(mktemp -d "${TMPDIR:-/tmp}/personakern-wheel-check.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+# removing a venv with torch takes a minute on a busy machine: let it go on after we are done
+trap '(rm -rf "$work" >/dev/null 2>&1 &)' EXIT
 quiet() { grep -v -i -E "^warning|^ *warning: location" || true; }
 step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
 
-step "wheel from the checkout (pip wheel --no-build-isolation, .venv's torch)"
 # from a copy of the checkout's files: setuptools' build/ of an earlier run could smuggle
-# deleted modules into the wheel, and the checkout stays as it was
-mkdir "$work/src"
+# deleted modules into the sdist or wheel, and the checkout stays as it was
+mkdir "$work/src" "$work/dist"
 git ls-files -z --cached --others --exclude-standard | tar --null -T - --ignore-failed-read -cf - | tar -xf - -C "$work/src"
-.venv/bin/pip wheel -q --no-deps --no-build-isolation -w "$work/dist" "$work/src" 2>&1 | quiet
+if [ -n "${PERSONAKERN_WHEEL_OUT:-}" ] && ls "$PERSONAKERN_WHEEL_OUT"/personakern-*.whl >/dev/null 2>&1; then
+  # the wheel tests/test_packaging.py built from a copy of this checkout in the test run (one
+  # compile of the extension instead of two)
+  step "wheel built by the test run (pip wheel --no-build-isolation, .venv's torch)"
+  cp "$PERSONAKERN_WHEEL_OUT"/personakern-*.whl "$work/dist/"
+else
+  step "wheel from the checkout (pip wheel --no-build-isolation, .venv's torch)"
+  .venv/bin/pip wheel -q --no-deps --no-build-isolation -w "$work/dist" "$work/src" 2>&1 | quiet
+fi
 wheel=$(ls "$work"/dist/personakern-*.whl)
 echo "$(basename "$wheel")"
 .venv/bin/python - "$wheel" <<'PY'

@@ -203,6 +203,8 @@ def test_wheel_carries_sources_and_an_aot_library_that_loads(tmp_path):
                            "-w", str(dist), str(src)], capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (wheel,) = dist.glob("personakern-*.whl")
+    if os.environ.get("PERSONAKERN_WHEEL_OUT"):   # .ci/run installs this very wheel into a fresh venv
+        shutil.copy2(wheel, Path(os.environ["PERSONAKERN_WHEEL_OUT"]) / wheel.name)
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         for path in sorted((REPO / "personakern" / "csrc").rglob("*")):
