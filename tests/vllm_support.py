@@ -25,7 +25,16 @@ BASE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PA
 
 
 def require_vllm():
-    pytest.importorskip("vllm", reason="vLLM is not installed (install.sh installs vllm-cpu)")
+    """Skip without vLLM, except in CI on the platform where install.sh installs it: a failed
+    install must not pass as skipped tests."""
+    import platform
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        if (os.environ.get("CI") and platform.system() == "Linux" and platform.machine() == "x86_64"
+                and not os.environ.get("PERSONAKERN_NO_VLLM")):
+            raise
+        pytest.skip("vLLM is not installed (install.sh installs vllm-cpu)", allow_module_level=True)
 
 
 def smollm2_path() -> str:
