@@ -37,7 +37,7 @@ MIXED = [
     {"steer": [{"trait": "evil", "cap": -25.0, "layers": [18, 20], "positions": "all"}],
      "monitor": {"traits": ["evil"], "layers": [18, 20]}},
     {"steer": [{"trait": "evil", "alpha": 6.0, "layers": [18], "positions": "response",
-                "when": {"trait": "evil", "threshold": -18.0}}],
+                "when": {"trait": "evil", "threshold": -30.0}}],
      "monitor": {"traits": ["evil"], "layers": [18]}},
     {"steer": [{"trait": "sycophantic", "ablate": True, "layers": [12], "positions": "prompt"},
                {"trait": "optimistic", "alpha": -3.0, "layers": [14]}],
@@ -147,7 +147,7 @@ def test_conditional_cap_and_ablation_match_hf(llm, ids):
     """Tokens of the cap, when= and ablation configs equal personakern on Hugging Face."""
     cases = {2: [{"trait": "evil", "cap": -25.0, "layers": [18, 20], "positions": "all"}],
              3: [{"trait": "evil", "alpha": 6.0, "layers": [18], "positions": "response",
-                  "when": ("evil", -18.0)}],
+                  "when": ("evil", -30.0)}],
              4: [{"trait": "sycophantic", "ablate": True, "layers": [12], "positions": "prompt"},
                  {"trait": "optimistic", "alpha": -3.0, "layers": [14]}]}
     for j, steer in cases.items():

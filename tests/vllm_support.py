@@ -103,6 +103,8 @@ def hf_reference(prompt_ids, steer=None, monitor=None, max_new_tokens=32):
         with personakern.patch(model) as pk:
             for s in steer or []:
                 s = dict(s)
+                if isinstance(s.get("when"), tuple) and isinstance(s["when"][0], str):
+                    s["when"] = (vs[s["when"][0]], s["when"][1])   # a trait of the file, by name
                 pk.steer(vs[s.pop("trait")], **s)
             if monitor:
                 pk.monitor({t: vs[t] for t in monitor["traits"]}, layers=monitor["layers"])
