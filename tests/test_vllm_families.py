@@ -13,7 +13,7 @@ from vllm_support import close, close_values, in_process_llm, require_vllm, smol
 require_vllm()
 pytestmark = pytest.mark.slow
 
-TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+TINY = dict(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
             tie_word_embeddings=False, torch_dtype="float32")
 
@@ -29,7 +29,7 @@ def tiny_model(tmp_path, family: str, seed: int = 0):
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
     }[family]
-    extra = {"head_dim": 16} if family == "qwen3" else {}
+    extra = {"head_dim": 64} if family == "qwen3" else {}  # vLLM's CPU attention: head_dim 64
     cfg = (cfg_cls(vocab_size=49152, n_embd=64, n_layer=2, n_head=4) if family == "gpt2"
            else cfg_cls(**TINY, **extra))
     torch.manual_seed(seed)
@@ -109,7 +109,7 @@ def test_other_architecture_is_refused_at_engine_start(tmp_path, monkeypatch):
 
 def test_vector_file_for_another_model_is_refused_at_engine_start(tmp_path):
     from personakern.vectors import VectorFileError
-    _, _, vec = tiny_model(tmp_path, "qwen2")   # hidden 64, 3 layers: not SmolLM2's
+    _, _, vec = tiny_model(tmp_path, "qwen2")   # hidden 256, 3 layers: not SmolLM2's
     with pytest.raises(VectorFileError, match=r"qwen2-vectors.safetensors.*(model_type|hidden_size)"):
         in_process_llm(smollm2_path(), vec)
 

@@ -32,11 +32,13 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     port = _free_port()
-    env = dict(os.environ, **BASE_ENV, PERSONAKERN_VECTORS=TRAITS_FILE, VLLM_LOGGING_LEVEL="WARNING")
+    env = dict(os.environ)
+    env.update(BASE_ENV)
+    env["PERSONAKERN_VECTORS"] = TRAITS_FILE
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)   # the served engine runs as shipped: own processes
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", smollm2_path(), "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "personakern.vllm", "serve", smollm2_path(), "--host", "127.0.0.1",
            "--port", str(port), "--enforce-eager", "--dtype", "float32", "--max-model-len", "1024",
            "--max-num-batched-tokens", "1024", "--max-num-seqs", "8", "--served-model-name", "smollm2"]
     with open(log, "w") as out:

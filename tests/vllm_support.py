@@ -88,7 +88,9 @@ def run_script(script: str, env: dict, timeout: int = 900) -> dict:
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # vLLM may log to stdout after the result line (at shutdown)
+    line = [l for l in proc.stdout.splitlines() if l.startswith('{"results"')][-1]
+    return json.loads(line)
 
 
 def hf_reference(prompt_ids, steer=None, monitor=None, max_new_tokens=32):
