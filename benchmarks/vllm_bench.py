@@ -36,7 +36,7 @@ def eight_traits(path: Path) -> None:
     """The shipped 7 traits plus an eighth (evil's vectors under another name): 8 monitors."""
     from personakern.vectors import PersonaVector, VectorSet, load_vectors
     vs = load_vectors(str(TRAITS))
-    out = VectorSet([vs[t] for t in vs.traits] + [PersonaVector("evil_b", vs["evil"].vectors, dict(vs["evil"].meta))])
+    out = VectorSet([vs[t] for t in vs.traits] + [PersonaVector("evil_b", vs["evil"].vectors.clone(), dict(vs["evil"].meta))])
     out.save(path)
 
 
