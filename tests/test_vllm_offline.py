@@ -4,7 +4,7 @@
   identical; readings agree to what vLLM's kernels allow against Hugging Face's (a plain vLLM
   engine differs from HF by the same amount: see ``test_oracle_matches_hf_as_closely``);
 - a plain vLLM engine with forward hooks that steer and record block outputs (no plugin loaded):
-  readings within 2e-5 x max(1, |x|), plain requests bit-identical.
+  readings within 2e-4 x max(1, |x|), plain requests bit-identical.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 MON = {"traits": ["evil", "humorous"], "layers": [6, 18, 29]}
 HF_REL = 2e-3   # vLLM's own kernels vs Hugging Face's, measured 3.5e-4 at block 29 (fp32)
-ORACLE_REL = 2e-5  # measured 1.46e-5 (block 29, fp32): the fused kernel's dot products in another order than the hooks'
+ORACLE_REL = 2e-4  # measured 1e-5 .. 8.1e-5 (fp32), depending on what ran before in the process (thread state): see docs/vllm.md
 COMPILED_REL = 5e-4  # compiled vs eager: inductor's fused graph rounds differently (measured 1.9e-4 after 30 blocks)
 
 
