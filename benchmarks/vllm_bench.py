@@ -2,11 +2,14 @@
 
     python benchmarks/vllm_bench.py [--requests 32] [--tokens 64] [--rounds 5] [--eager]
 
-One worker process per engine (a plain vLLM engine without the plugin; a personakern engine; HF),
-each started once and kept; the measured arms then run in interleaved rounds (every arm once per
-round, order rotated), so drift on a shared machine hits all arms alike. Reported: per-arm median
-wall time of one ``generate()`` of ``--requests`` prompts x ``--tokens`` greedy tokens (ignore_eos),
-tokens/s, and ratios to plain vLLM. vLLM runs in its default (compiled) mode unless ``--eager``.
+One worker process per engine (a plain vLLM engine without the plugin; a personakern engine; HF;
+with --lens-python, vllm-lens in its own venv), each started once and kept; the measured arms then
+run in interleaved rounds (every arm once per round; engines, and arms within an engine, in an
+order rotated per round; one untimed call when switching engines), so drift on a shared machine
+hits all arms alike. Reported per arm: median wall time, median of the per-round ratios to plain
+vLLM, and the ratio of the worker's CPU time (all its threads), which carries less of the other
+processes' load than wall time does. One call = one ``generate()`` of ``--requests`` prompts x
+``--tokens`` greedy tokens (ignore_eos). vLLM runs in its default (compiled) mode unless ``--eager``.
 
 Arms: plain vLLM; personakern engine with plain requests; steering all layers with one config;
 with one distinct config per request; steering + monitoring 8 traits at all layers; the same
@@ -55,7 +58,7 @@ def specs(kind: str, n: int, traits: list[str]):
 
 
 # ---------------------------------------------------------------------------- workers
-def worker_vllm(plugin: bool, eager: bool, n: int, tokens: int, vectors: str) -> None:
+def worker_vllm(plugin: bool, eager: bool, n: int, tokens: int, vectors: str, model: str) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
@@ -65,9 +68,8 @@ def worker_vllm(plugin: bool, eager: bool, n: int, tokens: int, vectors: str) ->
         os.environ.pop("PERSONAKERN_VECTORS", None)
         os.environ["VLLM_PLUGINS"] = ""
     from vllm import LLM, SamplingParams, TokensPrompt
-    from personakern.models import resolve
     import personakern.vllm as pv
-    llm = LLM(str(resolve("smollm2")), dtype="float32", enforce_eager=eager, max_model_len=1024, seed=0,
+    llm = LLM(model, dtype="float32", enforce_eager=eager, max_model_len=1024, seed=0,
               max_num_seqs=n, distributed_executor_backend="uni")
     tok = llm.get_tokenizer()
     ids = [tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + f" ({i})"}],
@@ -80,12 +82,60 @@ def worker_vllm(plugin: bool, eager: bool, n: int, tokens: int, vectors: str) ->
         kind = line.strip()
         sps = [SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True,
                               extra_args=None if s is None else {"personakern": s}) for s in specs(kind, n, traits)]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         outs = llm.generate(prompts, sps, use_tqdm=False)
         dt = time.perf_counter() - t
         got = [pv.readings(o) for o in outs]
-        print(json.dumps({"s": dt, "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
-                          "readings": sum(r is not None for r in got)}), flush=True)
+        print(json.dumps({"s": dt, "cpu_s": time.process_time() - c, "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+                          "readings": sum(r is not None for r in got),
+                          "first": list(outs[0].outputs[0].token_ids)}), flush=True)
+
+
+def worker_lens(n: int, tokens: int, vectors: str, model: str) -> None:
+    """vllm-lens (its own venv: it forces eager mode on every engine there) on the same work:
+    Python forward hooks steer; "monitoring" is its residual-stream capture copied to the host,
+    projected on the 8 unit vectors there (vllm-lens has no projection read-out of its own)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+    os.environ.pop("PERSONAKERN_VECTORS", None)
+    import torch
+    from safetensors.torch import load_file
+    from vllm import LLM, SamplingParams, TokensPrompt
+    from vllm_lens import SteeringVector
+    tensors = load_file(vectors)   # personakern's format: one [layers, d] tensor per trait
+    evil = next(v for k, v in tensors.items() if "evil" in k and "evil_b" not in k).float()
+    units = torch.stack([v.float() / v.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                         for k, v in sorted(tensors.items())])          # [8, layers, d]
+    llm = LLM(model, dtype="float32", max_model_len=1024, seed=0, max_num_seqs=n,
+              distributed_executor_backend="uni")
+    tok = llm.get_tokenizer()
+    ids = [tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + f" ({i})"}],
+                                   add_generation_prompt=True, tokenize=False) for i in range(n)]
+    prompts = [TokensPrompt(prompt_token_ids=tok(t, add_special_tokens=False)["input_ids"]) for t in ids]
+    layers = list(range(evil.shape[0]))
+    sv = SteeringVector(activations=evil, layer_indices=layers, scale=0.5)
+    print(json.dumps({"ready": True, "traits": sorted(tensors)}), flush=True)
+    for line in sys.stdin:
+        kind = line.strip()
+        extra = {}
+        if kind in ("steer1", "steer_mon8"):
+            extra["apply_steering_vectors"] = [sv]
+        if kind == "steer_mon8":
+            extra["output_residual_stream"] = layers
+        sps = [SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, extra_args=extra or None)
+               for _ in range(n)]
+        t, c = time.perf_counter(), time.process_time()
+        outs = llm.generate(prompts, sps, use_tqdm=False)
+        got = 0
+        if kind == "steer_mon8":   # per-token projections, as personakern's read-outs give them
+            for o in outs:
+                acts = o.activations["residual_stream"].float()        # [layers, T, d]
+                readings = torch.einsum("ltd,mld->tlm", acts, units)
+                got += readings.numel() > 0
+        dt = time.perf_counter() - t
+        print(json.dumps({"s": dt, "cpu_s": time.process_time() - c, "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+                          "readings": got, "first": list(outs[0].outputs[0].token_ids)}), flush=True)
 
 
 def worker_hf(n: int, tokens: int, vectors: str) -> None:
@@ -101,7 +151,7 @@ def worker_hf(n: int, tokens: int, vectors: str) -> None:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         kind = line.strip()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with personakern.patch(model) as pk:
             if kind != "plain":
                 pk.steer(vs["evil"], alpha=0.5, layers="all")
@@ -111,14 +161,15 @@ def worker_hf(n: int, tokens: int, vectors: str) -> None:
                 out = model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                                      pad_token_id=tok.eos_token_id)
         dt = time.perf_counter() - t
-        print(json.dumps({"s": dt, "tokens": int((out.shape[1] - batch["input_ids"].shape[1]) * n)}), flush=True)
+        print(json.dumps({"s": dt, "cpu_s": time.process_time() - c, "tokens": int((out.shape[1] - batch["input_ids"].shape[1]) * n)}), flush=True)
 
 
 class Worker:
     def __init__(self, role: str, args, vectors: str):
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_LOGGING_LEVEL="WARNING")
-        cmd = [sys.executable, __file__, "--worker", role, "--requests", str(args.requests), "--tokens",
+        python = args.lens_python if role == "lens" else sys.executable
+        cmd = [python, __file__, "--worker", role, "--model", args.model, "--requests", str(args.requests), "--tokens",
                str(args.tokens), "--vectors", vectors] + (["--eager"] if args.eager else [])
         self.role = role
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -146,6 +197,9 @@ ARMS = [("vllm plain", "plain_vllm", "plain"), ("pk engine, plain requests", "pk
         ("pk steer 30 layers, 1 config", "pk", "steer1"), ("pk steer 30 layers, 32 configs", "pk", "steer32"),
         ("pk steer + monitor 8 traits x 30 layers", "pk", "steer_mon8"),
         ("HF generate plain", "hf", "plain"), ("HF personakern steer + monitor 8", "hf", "steer_mon8")]
+# with --lens-python: vllm-lens in its own venv, the same work side by side in the same rounds
+LENS_ARMS = [("vllm-lens engine, plain requests", "lens", "plain"), ("vllm-lens steer 30 layers", "lens", "steer1"),
+             ("vllm-lens steer + capture 30 layers, 8 projections on host", "lens", "steer_mon8")]
 
 
 def main() -> None:
@@ -156,37 +210,68 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu" / "vllm"))
+    ap.add_argument("--lens-python", help="python of a venv with vllm-cpu and vllm-lens: adds its arms")
+    ap.add_argument("--model", help="model folder (default: the converted SmolLM2)")
     ap.add_argument("--worker")
     ap.add_argument("--vectors")
     args = ap.parse_args()
     if args.worker:
+        if args.worker == "lens":
+            return worker_lens(args.requests, args.tokens, args.vectors, args.model)
         if args.worker == "hf":
             return worker_hf(args.requests, args.tokens, args.vectors)
-        return worker_vllm(args.worker == "pk", args.eager, args.requests, args.tokens, args.vectors)
+        return worker_vllm(args.worker == "pk", args.eager, args.requests, args.tokens, args.vectors, args.model)
     tmp = Path(tempfile.mkdtemp())
     vectors = str(tmp / "eight-traits.safetensors")
     eight_traits(Path(vectors))
-    arms = [a for a in ARMS if not (args.no_hf and a[1] == "hf")]
+    if not args.model:
+        from personakern.models import resolve
+        args.model = str(resolve("smollm2"))
+    arms = [a for a in ARMS + (LENS_ARMS if args.lens_python else []) if not (args.no_hf and a[1] == "hf")]
     workers = {}
     for role in dict.fromkeys(a[1] for a in arms):
         workers[role] = Worker(role, args, vectors)
         print(f"{role}: started in {workers[role].start_s:.0f} s", flush=True)
+    first = {}
     for label, role, kind in arms:  # warm-up: first calls pay one-off costs
-        workers[role].run(kind)
+        res = workers[role].run(kind)
+        first[label] = res.get("first")
+        print(f"warm-up {label}: {res['s']:.2f}s, readings for {res.get('readings', 0)} requests", flush=True)
+    # a steering arm whose tokens equal its engine's plain arm would time a no-op
+    for label, role, kind in arms:
+        plain = next((l for l, r, k in arms if r == role and k == "plain"), None)
+        if kind != "plain" and plain and first[label] is not None and first[label] == first[plain]:
+            raise SystemExit(f"{label}: the first request's tokens equal the plain arm's: steering did nothing")
     times = {a[0]: [] for a in arms}
+    cpu = {a[0]: [] for a in arms}
+    roles = list(workers)
     for r in range(args.rounds):
-        order = arms[r % len(arms):] + arms[:r % len(arms)]
-        for label, role, kind in order:
-            res = workers[role].run(kind)
-            times[label].append(res["s"])
+        # engine by engine (order rotated per round), each engine's arms in a rotated order, after
+        # one untimed call: the first call on an engine after another ran pays for evicted caches
+        # and waking threads, which a serving engine never does, and which would otherwise land on
+        # whichever arm happens to follow another engine
+        for role in roles[r % len(roles):] + roles[:r % len(roles)]:
+            group = [a for a in arms if a[1] == role]
+            group = group[r % len(group):] + group[:r % len(group)]
+            workers[role].run(group[0][2])
+            for label, _, kind in group:
+                res = workers[role].run(kind)
+                times[label].append(res["s"])
+                cpu[label].append(res["cpu_s"])
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{a[0]} {times[a[0]][-1]:.2f}s" for a in arms), flush=True)
     for w in workers.values():
         w.close()
     base = statistics.median(times["vllm plain"])
+    base_cpu = statistics.median(cpu["vllm plain"])
     n_tok = args.requests * args.tokens
+    # ratio of medians, and the median of the per-round ratios (each arm against plain vLLM of
+    # the same round: drift between rounds cancels)
     rows = [{"arm": label, "median_s": statistics.median(times[label]), "times_s": times[label],
+             "cpu_s": cpu[label], "median_cpu_s": statistics.median(cpu[label]),
              "tok_per_s": n_tok / statistics.median(times[label]),
-             "ratio_to_vllm_plain": statistics.median(times[label]) / base} for label, _, _ in arms]
+             "ratio_to_vllm_plain": statistics.median(times[label]) / base,
+             "median_round_ratio": statistics.median(a / b for a, b in zip(times[label], times["vllm plain"])),
+             "cpu_ratio_to_vllm_plain": statistics.median(cpu[label]) / base_cpu} for label, _, _ in arms]
     report = {"requests": args.requests, "tokens": args.tokens, "rounds": args.rounds,
               "mode": "eager" if args.eager else "compiled", "machine": platform.processor() or platform.machine(),
               "cores": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "arms": rows,
@@ -195,9 +280,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = f"bench-{report['mode']}-{args.requests}x{args.tokens}.json"
     (out / name).write_text(json.dumps(report, indent=1))
-    print(f"\n{'arm':44s} {'median s':>9s} {'tok/s':>7s} {'x plain':>8s}")
+    print(f"\n{'arm':60s} {'median s':>9s} {'tok/s':>7s} {'x plain':>8s} {'round x':>8s} {'cpu x':>7s}")
     for row in rows:
-        print(f"{row['arm']:44s} {row['median_s']:9.2f} {row['tok_per_s']:7.0f} {row['ratio_to_vllm_plain']:8.3f}")
+        print(f"{row['arm']:60s} {row['median_s']:9.2f} {row['tok_per_s']:7.0f} {row['ratio_to_vllm_plain']:8.3f} "
+              f"{row['median_round_ratio']:8.3f} {row['cpu_ratio_to_vllm_plain']:7.3f}")
     print(f"wrote {out / name}")
 
 
