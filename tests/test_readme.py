@@ -171,3 +171,23 @@ def test_readme_shows_what_the_demo_prints(capsys, smollm2):
         head, answer = line.split("] ", 1)
         assert head.rsplit(": ", 1)[0] in flat  # alpha and block; the mean depends on the length
         assert " ".join(answer.split()[:4]) in flat, answer
+
+
+@pytest.mark.slow
+def test_best_vector_prefers_the_judged_file_and_falls_back(monkeypatch, smollm2):
+    """The tour's and the demo's vector: the judged pipeline's for SmolLM2, else default_vector."""
+    import torch
+    from personakern import VectorSet
+    from personakern.extraction import quick
+    from conftest import tiny_model
+    model, tok = smollm2
+    judged = VectorSet.load(ROOT / "personakern/data/vectors/smollm2-traits.safetensors")
+    for trait in ("evil", "humorous"):
+        pv = quick.best_vector(model, tok, trait)
+        assert torch.equal(pv.vectors, judged[trait].vectors) and pv.meta["layer"] == judged[trait].meta["layer"]
+    calls = []
+    monkeypatch.setattr(quick, "default_vector", lambda m, t, trait, **kw: calls.append((m, trait)) or "quick")
+    assert quick.best_vector(model, tok, "grumpy") == "quick"        # not a trait of the file
+    other = tiny_model("llama")
+    assert quick.best_vector(other, tok, "evil") == "quick"          # not the file's model
+    assert calls == [(model, "grumpy"), (other, "evil")]
