@@ -1,10 +1,10 @@
 """Preventative steering: steer with frozen persona vectors while fine-tuning.
 
-The paper's item 5 (see DESIGN.md): during fine-tuning, add ``+alpha * v_l`` to the output of
-decoder block ``l`` (0-based, ``model.model.layers[l]``) so the optimiser has no reason to move
-the weights toward the trait; remove it at inference. The steering runs inside the fused op, and
-autograd flows through ``hidden`` only: the vectors are constants, so they never get gradients
-while the model's (or LoRA's) weights do.
+The paper's item 5 (docs/design.md#the-method, step 5): during fine-tuning, add ``+alpha * v_l``
+to the output of decoder block ``l`` (0-based, ``model.model.layers[l]``) so the optimiser has no
+reason to move the weights toward the trait; remove it at inference. The steering runs inside
+the fused op, and autograd flows through ``hidden`` only: the vectors are constants, so they
+never get gradients while the model's (or LoRA's) weights do.
 
 Two entry points:
 

@@ -13,9 +13,16 @@ from personakern.cli.main import main
 def test_demo_shows_three_alphas_and_projections(capsys, smollm2):
     assert main(["demo", "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
-    for a in ("-6.0", "+0.0", "+6.0"):
-        assert f"[alpha {a} | mean projection at block" in out
-    assert "per-token projection on 'evil' at layer 10" in out
+    # the judged pipeline's evil vector (smollm2-traits.safetensors) at its sweep's block and alpha
+    assert "persona vector 'evil' (judge: likelihood:HuggingFaceTB/SmolLM2-135M-Instruct): 49 vs 59 answers, " \
+           "steering block 18" in out
+    means = []
+    for a in ("-3.0", "+0.0", "+3.0"):
+        head = f"[alpha {a} | mean projection at block 24: "
+        assert head in out
+        means.append(float(out.split(head, 1)[1].split("]", 1)[0]))
+    assert means[0] < means[1] < means[2]  # steering moves the later block's projection with alpha
+    assert "per-token projection on 'evil' at layer 18" in out
 
 
 def test_steer_and_monitor_with_a_vector_file(capsys, tmp_path, smollm2):

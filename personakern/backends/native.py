@@ -1,4 +1,4 @@
-"""Native backend: the op contracts of DESIGN.md in plain PyTorch.
+"""Native backend: the op contracts of docs/design.md#the-fused-ops-contract in plain PyTorch.
 
 This is both the fallback that runs everywhere and the oracle every other backend is tested
 against, so it favours clarity and numerical care over speed.

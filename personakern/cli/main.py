@@ -96,11 +96,16 @@ def cmd_demo(args):
     import personakern
     from .render import use_color
     model, tok = _load(args)
-    pv = _vector(args, model, tok)
+    if args.vector in (None, "default"):  # the judged pipeline's vector, at its sweep's block and alpha
+        from personakern.extraction.quick import DEFAULT_TRAIT, best_vector
+        with step("loading the best shipped persona vector"):
+            pv = best_vector(model, tok, args.trait or DEFAULT_TRAIT)
+    else:
+        pv = _vector(args, model, tok)
     layer = args.layer if args.layer is not None else int(pv.meta.get("layer", pv.num_layers // 2))
     alpha = args.alpha if args.alpha is not None else float(pv.meta.get("demo_alpha", 4.0))
-    print(f"\npersona vector '{pv.trait}': {pv.meta.get('n_positive', '?')} vs {pv.meta.get('n_negative', '?')} "
-          f"answers, steering block {layer} (0-based), |v| = {float(pv.norms()[layer]):.2f}")
+    print(f"\npersona vector '{pv.trait}' (judge: {pv.meta.get('judge', '?')}): {pv.meta.get('n_positive', '?')} vs "
+          f"{pv.meta.get('n_negative', '?')} answers, steering block {layer} (0-based), |v| = {float(pv.norms()[layer]):.2f}")
     print(f"question: {args.question}\n")
     alphas = [-alpha, 0.0, alpha]
     batch = _encode(tok, [args.question] * 3)
@@ -263,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="steer one question at -alpha, 0, +alpha and show per-token projections")
     common(d)
-    d.add_argument("--question", default="What should I do if I find a lost wallet on the street?")
+    d.add_argument("--question", default="How should a boss treat employees who make mistakes?")
     d.add_argument("--alpha", type=float, default=None)
     d.add_argument("--layer", type=int, default=None, help="block to steer, 0-based (default: the vector's)")
     d.set_defaults(func=cmd_demo)

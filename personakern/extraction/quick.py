@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..patching import find_decoder
-from ..vectors import PersonaVector, VectorFileError, model_fingerprint
+from ..vectors import PersonaVector, VectorFileError, VectorSet, model_fingerprint
 from .generate import eos_ids, left_pad
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -220,14 +220,17 @@ def _same_model(fp_file: dict, model) -> bool:
             and name(fp_file.get("name_or_path")) == name(fp.get("name_or_path")))
 
 
-def _try_load(path: Path, model) -> Optional[PersonaVector]:
-    """The vector in ``path`` if it exists and was made for exactly this model, else None."""
+def _try_load(path: Path, model, trait: Optional[str] = None) -> Optional[PersonaVector]:
+    """The vector in ``path`` (``trait`` of a file holding several) if it exists and was made for
+    exactly this model, else None."""
     if not path.exists():
         return None
     try:
-        if not _same_model(PersonaVector.load(path).meta.get("model") or {}, model):
+        if trait is not None and trait not in VectorSet.load(path):
+            return None
+        if not _same_model(PersonaVector.load(path, trait=trait).meta.get("model") or {}, model):
             return None  # another model's vectors: not an error, just not ours
-        return PersonaVector.load(path, model=model)
+        return PersonaVector.load(path, model=model, trait=trait)
     except VectorFileError as e:
         warnings.warn(f"ignoring {path}: {e}")
         return None
@@ -253,3 +256,12 @@ def default_vector(model, tok, trait: str = DEFAULT_TRAIT, progress: bool = True
         path.parent.mkdir(parents=True, exist_ok=True)
         pv.save(path)
     return pv
+
+
+def best_vector(model, tok, trait: str = DEFAULT_TRAIT, progress: bool = True, **kwargs) -> PersonaVector:
+    """The best vector the package ships for ``trait`` and this model: the judged pipeline's
+    (``data/vectors/smollm2-traits.safetensors``, made by ``personakern extract``; its
+    ``meta["layer"]`` and ``meta["demo_alpha"]`` are its steering sweep's choice), else
+    :func:`default_vector` (the unjudged quick vector, shipped or computed)."""
+    pv = _try_load(DATA / "vectors" / "smollm2-traits.safetensors", model, trait)
+    return pv if pv is not None else default_vector(model, tok, trait, progress=progress, **kwargs)

@@ -1,4 +1,4 @@
-"""Data screening and fine-tuning shift (DESIGN §6, §7)."""
+"""Data screening and fine-tuning shift (docs/design.md#the-method, steps 6 and 7)."""
 from .data import Malformed, Sample, ScreenDataError, parse_line
 from .screen import ScreenSettings, check_data, screen
 from .shift import ShiftError, fine_tuning_shift

@@ -1,4 +1,5 @@
-"""Data screening (DESIGN §6): the projection difference of a training set, per sample.
+"""Data screening (docs/design.md#the-method, step 6): the projection difference of a training
+set, per sample.
 
 For sample i with prompt x_i and response y_i, and y'_i the base model's own answer to x_i::
 
@@ -8,7 +9,8 @@ where ``a`` is the mean of block ``l``'s output over the response tokens (teache
 ``v_hat`` the unit persona vector of block ``l`` (the vector's recommended block, or
 ``layer``). The dataset value is the mean of dP_i. The cheap approximation needs no
 generation: ``approx_i = a(x_i, y_i) · v_hat - h_last(x_i) · v_hat`` — the base answer's
-projection replaced by that of the last prompt token, which predicts it (DESIGN §3).
+projection replaced by that of the last prompt token, which predicts it
+(docs/design.md#the-method, step 3).
 
 The file is streamed: a first pass validates every line (and writes ``malformed.jsonl``), then
 consecutive valid samples are cut into chunks; chunk ``c`` is processed by rank ``c % world``

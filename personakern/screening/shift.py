@@ -1,4 +1,5 @@
-"""Fine-tuning shift (DESIGN §7): how far fine-tuning moved the model along each persona vector.
+"""Fine-tuning shift (docs/design.md#the-method, step 7): how far fine-tuning moved the model
+along each persona vector.
 
 ``shift_l = (mean_p h_l^ft(p) - mean_p h_l^base(p)) · v_hat_l`` where ``h_l(p)`` is block
 ``l``'s output at the last token of prompt ``p`` (chat template with the generation prompt,
