@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Extract the seven shipped traits on SmolLM2-135M-Instruct with the default judge, then write the
-# cross-trait report, the README table and the combined vector file. Resumable: rerun to continue
+# cross-trait report, the table in docs/extraction.md and the combined vector file. Resumable: rerun to continue
 # after a kill (every stage is cached in RUNS_DIR/<trait>).
 # Usage: benchmarks/extract_traits.sh [RUNS_DIR]
 #   TRAITS="evil ..."   which traits (default: all seven)
 #   SIZE="..."          extract options for the size of the run; the default is what produced the
-#                       README's table on 2 CPU cores (12 extraction and 12 evaluation questions,
+#                       table in docs/extraction.md on 2 CPU cores (12 extraction and 12 evaluation questions,
 #                       48 new tokens, held-out answers under all 5 instruction pairs: 60 answers
 #                       per side for the vectors, 60 per side held out, ~15 min per trait on one core)
 #   LANES=2             traits extracted in parallel (one thread each)

@@ -1,4 +1,4 @@
-"""The README's shift example: fine-tune SmolLM2 briefly on the 20 cruel or the 20 neutral
+"""The shift example of docs/screening.md: fine-tune SmolLM2 briefly on the 20 cruel or the 20 neutral
 answers of benchmarks/screen_toy.jsonl (full fine-tune, loss on the answer tokens only), save
 each fine-tune, then measure its shift with ``personakern shift``.
 

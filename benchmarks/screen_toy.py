@@ -1,4 +1,4 @@
-"""The README's screening example: 40 synthetic training samples (20 cruel answers, 20 neutral
+"""The screening example of docs/screening.md: 40 synthetic training samples (20 cruel answers, 20 neutral
 ones, to the same 20 questions), screened on SmolLM2 with the shipped vectors; prints how well
 dP, its approximation and the raw response projection separate the two groups (AUROC).
 

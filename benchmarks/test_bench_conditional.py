@@ -4,7 +4,7 @@ pytest-benchmark (op level, every usable CPU backend)::
 
     python -m pytest benchmarks/test_bench_conditional.py --benchmark-group-by=group
 
-Interleaved rounds with ratios (op level and SmolLM2 decode), the numbers quoted in the README::
+Interleaved rounds with ratios (op level and SmolLM2 decode), the numbers quoted in docs/conditional-steering.md::
 
     python benchmarks/test_bench_conditional.py [--rounds 7] [--out benchmarks/results/cpu/conditional.json]
 
