@@ -66,3 +66,19 @@ def test_an_argument_added_to_the_contract_reaches_the_generated_pieces(monkeypa
     fn = contract.define("steer_project", "seen['args'] = ({args},)", {"seen": seen})
     fn(torch.zeros(1, 2), extra_vecs="x")
     assert seen["args"][-1] == "x" and len(seen["args"]) == len(op.args) + 1
+
+
+def test_kernels_take_the_steering_group_in_contract_order():
+    # The CUDA binding and the Triton kernel take the group positionally; their own names for it
+    # must follow the contract's order.
+    import re
+    from pathlib import Path
+    root = Path(contract.__file__).resolve().parents[1]
+    binding = (root / "csrc" / "cuda" / "binding.cpp").read_text()
+    params = binding[binding.index("std::tuple<Tensor, Tensor, Tensor> rows("):].split(")", 1)[0]
+    cuda_names = re.findall(r"(\w+)\s*(?:,|$)", params)
+    steering = [a.name for a in contract.STEERING]
+    assert cuda_names[-len(steering):] == steering
+    triton_src = (root / "kernels" / "triton_ops.py").read_text()
+    unpack = re.search(r"^\s*([\w, ]+) = steering$", triton_src, re.M).group(1)
+    assert [n.strip() for n in unpack.split(",")] == steering
