@@ -82,3 +82,30 @@ def test_kernels_take_the_steering_group_in_contract_order():
     triton_src = (root / "kernels" / "triton_ops.py").read_text()
     unpack = re.search(r"^\s*([\w, ]+) = steering$", triton_src, re.M).group(1)
     assert [n.strip() for n in unpack.split(",")] == steering
+
+
+def test_cpu_extension_sends_arguments_it_does_not_read_to_native(monkeypatch):
+    if not dispatch.backend_usable("cpu"):
+        pytest.skip(dispatch.unavailable_reason("cpu"))
+    from personakern.backends import cpu
+    ext = cpu._load()
+    extra = contract.Arg("extra_vecs", contract.OPT_TENSOR, contract.FROZEN, None, contract.VECTORS)
+    spec = contract.OPS["steer_project"]
+    seen = []
+
+    def fake_native(*args, **kwargs):
+        seen.append(kwargs)
+        return "native"
+
+    natives = [getattr(native, op) for op in cpu._OPS]
+    try:
+        monkeypatch.setitem(contract.OPS, "steer_project", spec._replace(args=spec.args + (extra,)))
+        ext._set_fallbacks(*natives[:1], fake_native, *natives[2:], cpu._parameters())
+        h = torch.randn(2, 8)
+        assert ext.steer_project(h, extra_vecs=torch.ones(1, 8)) == "native"
+        out, _ = ext.steer_project(h, extra_vecs=None)  # not given: the fast path serves it
+        assert torch.equal(out, h) and len(seen) == 1
+    finally:
+        monkeypatch.undo()
+        ext._set_fallbacks(*natives, cpu._parameters())
+    assert _params(ext.steer_project) == _params(native.steer_project)

@@ -171,6 +171,11 @@ def _compile(build_dir: Path, flags: list[str]):
         logger.setLevel(level)
 
 
+def _parameters() -> tuple:
+    """Each op's parameters as the extension binds them: (names, how many required, doc)."""
+    return tuple((tuple(contract.names(op)), contract.required(op), _text_signature(op)) for op in _OPS)
+
+
 def _text_signature(op: str) -> str:
     """The docstring from which ``inspect.signature`` reads a C function's parameters."""
     params = ", ".join(str(p.replace(annotation=p.empty)) for p in contract.signature(op).parameters.values())
@@ -186,9 +191,7 @@ def _load():
             return _ext
         try:
             ext = _build()
-            ext._set_fallbacks(*(getattr(native, op) for op in _OPS),
-                               tuple((tuple(contract.names(op)), contract.required(op), _text_signature(op))
-                                     for op in _OPS))
+            ext._set_fallbacks(*(getattr(native, op) for op in _OPS), _parameters())
         except Exception as exc:  # no compiler, failed build, unsupported platform
             lines = str(exc).strip().splitlines() or [type(exc).__name__]
             # For a failed compile the first compiler error says more than the last line.

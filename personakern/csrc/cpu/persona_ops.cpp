@@ -30,9 +30,9 @@ inline void need(bool ok) {
 enum Op { kRmsNorm, kSteerProject, kAddRmsNorm, kFused, kNumOps };
 PyObject* g_native[kNumOps] = {};
 
-// The names this file reads arguments by. Their positions are not written here: they come from
-// the op contract (personakern/backends/contract.py) through _set_fallbacks, so a call binds exactly as
-// the native signature does and adding an argument to the contract moves nothing here.
+// The names this file reads arguments by. Their positions come from the op contract
+// (personakern/backends/contract.py) through _set_fallbacks, so calls bind as the native
+// signature does; a call giving a contract argument not named here goes to native.
 enum Name { kX, kWeight, kEps, kGemma, kHidden, kDelta, kResidual, kSteerVecs, kCoef, kClampVecs,
             kClampLo, kClampHi, kReadout, kGateVecs, kGateThr, kNumNames };
 const char* const kNames[kNumNames] = {"x", "weight", "eps", "gemma", "hidden", "delta", "residual",
@@ -43,6 +43,7 @@ struct Signature {
   std::vector<PyObject*> interned;  // parameter names in contract order
   int required = 0;
   int pos[kNumNames];  // where each name sits in the parameter list, -1 where the op has none
+  std::vector<int> unknown;  // positions of parameters this file does not read
 };
 Signature g_sig[kNumOps];
 constexpr int kMaxParams = 16;
@@ -75,6 +76,8 @@ bool bind(const Signature& sig, PyObject* const* args, Py_ssize_t nargs, PyObjec
   }
   for (int i = 0; i < sig.required; ++i)
     if (!slots[i]) return false;
+  for (int i : sig.unknown)
+    if (slots[i] && slots[i] != Py_None) return false;
   return true;
 }
 
@@ -348,8 +351,10 @@ bool bind_op(PyObject* module, int op, PyObject* spec) {
     ok = PyUnicode_Check(name);
     if (ok) PyUnicode_InternInPlace(&name);  // kept for the life of the process
     sig.interned.push_back(name);
-    for (int n = 0; ok && n < kNumNames; ++n)
-      if (PyUnicode_CompareWithASCIIString(name, kNames[n]) == 0) sig.pos[n] = static_cast<int>(i);
+    int n = 0;
+    while (ok && n < kNumNames && PyUnicode_CompareWithASCIIString(name, kNames[n]) != 0) ++n;
+    if (n < kNumNames) sig.pos[n] = static_cast<int>(i);
+    else sig.unknown.push_back(static_cast<int>(i));
   }
   const char* text = ok ? PyUnicode_AsUTF8(doc) : nullptr;
   if (!text) {
