@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import Tensor
 
-from . import cpu_build, native
+from . import contract, cpu_build, native
 
 NAME = "cpu"
 
@@ -47,7 +46,7 @@ _EXT_NAME = cpu_build.EXT_NAME
 _SRC_DIR = cpu_build.SRC_DIR
 # setup.py builds the extension as personakern.backends.<_EXT_NAME>, i.e. into this folder
 _AOT_DIR = Path(__file__).resolve().parent
-_OPS = ("rms_norm", "steer_project", "add_rms_norm", "add_rms_norm_steer_project")
+_OPS = tuple(contract.OPS)
 
 _lock = threading.Lock()
 _ext = None
@@ -172,6 +171,17 @@ def _compile(build_dir: Path, flags: list[str]):
         logger.setLevel(level)
 
 
+def _parameters() -> tuple:
+    """Each op's parameters as the extension binds them: (names, how many required, doc)."""
+    return tuple((tuple(contract.names(op)), contract.required(op), _text_signature(op)) for op in _OPS)
+
+
+def _text_signature(op: str) -> str:
+    """The docstring from which ``inspect.signature`` reads a C function's parameters."""
+    params = ", ".join(str(p.replace(annotation=p.empty)) for p in contract.signature(op).parameters.values())
+    return f"{op}($module, {params})\n--\n\nSee personakern.backends.native.{op}."
+
+
 def _load():
     global _ext, _reason, _tried
     if _tried:
@@ -181,8 +191,7 @@ def _load():
             return _ext
         try:
             ext = _build()
-            ext._set_fallbacks(native.rms_norm, native.steer_project, native.add_rms_norm,
-                               native.add_rms_norm_steer_project)
+            ext._set_fallbacks(*(getattr(native, op) for op in _OPS), _parameters())
         except Exception as exc:  # no compiler, failed build, unsupported platform
             lines = str(exc).strip().splitlines() or [type(exc).__name__]
             # For a failed compile the first compiler error says more than the last line.
@@ -228,46 +237,7 @@ def _require():
 
 # Stand-ins until the first call loads the extension and rebinds these names to the C entry
 # points; a reference taken before that keeps working through them.
-def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tensor:
-    return _require().rms_norm(x, weight, eps, gemma)
-
-
-def steer_project(
-    hidden: Tensor,
-    delta: Optional[Tensor] = None,
-    steer_vecs: Optional[Tensor] = None,
-    coef: Optional[Tensor] = None,
-    clamp_vecs: Optional[Tensor] = None,
-    clamp_lo: Optional[Tensor] = None,
-    clamp_hi: Optional[Tensor] = None,
-    readout: Optional[Tensor] = None,
-    gate_vecs: Optional[Tensor] = None,
-    gate_thr: Optional[Tensor] = None,
-) -> tuple[Tensor, Optional[Tensor]]:
-    return _require().steer_project(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo,
-                                     clamp_hi, readout, gate_vecs, gate_thr)
-
-
-def add_rms_norm(residual: Tensor, x: Tensor, weight: Tensor, eps: float,
-                 gemma: bool = False) -> tuple[Tensor, Tensor]:
-    return _require().add_rms_norm(residual, x, weight, eps, gemma)
-
-
-def add_rms_norm_steer_project(
-    residual: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    eps: float,
-    gemma: bool = False,
-    steer_vecs: Optional[Tensor] = None,
-    coef: Optional[Tensor] = None,
-    clamp_vecs: Optional[Tensor] = None,
-    clamp_lo: Optional[Tensor] = None,
-    clamp_hi: Optional[Tensor] = None,
-    readout: Optional[Tensor] = None,
-    gate_vecs: Optional[Tensor] = None,
-    gate_thr: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    return _require().add_rms_norm_steer_project(residual, x, weight, eps, gemma, steer_vecs, coef,
-                                                 clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs,
-                                                 gate_thr)
+for _op in contract.OPS:
+    globals()[_op] = contract.define(_op, "return _require().%s({args})" % _op, globals(),
+                                     doc=f"See :func:`personakern.backends.native.{_op}`.")
+del _op

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import native
+from . import contract, native
 
 NAME = "cuda"
 
@@ -184,11 +184,6 @@ def _fused(a: Tensor, b: Optional[Tensor], weight: Optional[Tensor], clamp_vecs:
     return ext
 
 
-def _gated(steer_vecs, gate_vecs):
-    """The steering vectors when their steering is conditional (gate given), else None."""
-    return steer_vecs if steer_vecs is not None and gate_vecs is not None else None
-
-
 def _f32(t: Optional[Tensor], device) -> Optional[Tensor]:
     return None if t is None else t.to(device=device, dtype=torch.float32).contiguous()
 
@@ -203,8 +198,24 @@ def _per_row(t: Optional[Tensor], rows: int, device) -> Optional[Tensor]:
     return torch.broadcast_to(t, (rows, t.shape[-1])).contiguous()
 
 
-def _run(ext, a, b, weight, eps, gemma, want_out, steer_vecs=None, coef=None, clamp_vecs=None,
-         clamp_lo=None, clamp_hi=None, readout=None, gate_vecs=None, gate_thr=None):
+def _kernel_steering(steering: tuple, rows: int, device) -> tuple:
+    """The steering group as the kernel takes it: float32, contiguous, per-row tables
+    broadcast to ``rows``. A group whose switch is off (no steer_vecs for coef and the gate,
+    no gate_vecs for gate_thr, no clamp_vecs for the bounds) goes as None."""
+    s = contract.Steering(*steering)
+    off = set()
+    if s.steer_vecs is None:
+        off |= {"coef", "gate_vecs", "gate_thr"}
+    if s.gate_vecs is None:
+        off.add("gate_thr")
+    if s.clamp_vecs is None:
+        off |= {"clamp_lo", "clamp_hi"}
+    return tuple(None if arg.name in off else
+                 _f32(t, device) if arg.layout == contract.VECTORS else _per_row(t, rows, device)
+                 for arg, t in zip(contract.STEERING, steering))
+
+
+def _run(ext, a, b, weight, eps, gemma, want_out, steering=()):
     """Runs the kernel on ``[..., D]`` rows; returns (out, normed, readings) in the leading
     shape of ``a``, None for what was not asked for."""
     shape = a.shape
@@ -212,55 +223,36 @@ def _run(ext, a, b, weight, eps, gemma, want_out, steer_vecs=None, coef=None, cl
     rows, dev = a2.shape[0], a2.device
     b2 = None if b is None else b.reshape(-1, shape[-1]).contiguous()
     w = None if weight is None else weight.contiguous()
-    steer = coef2 = gate = thr = None
-    if steer_vecs is not None:
-        steer, coef2 = _f32(steer_vecs, dev), _per_row(coef, rows, dev)
-        if gate_vecs is not None:
-            gate, thr = _f32(gate_vecs, dev), _per_row(gate_thr, rows, dev)
-    clamp = lo = hi = None
-    if clamp_vecs is not None:
-        clamp, lo, hi = _f32(clamp_vecs, dev), _per_row(clamp_lo, rows, dev), _per_row(clamp_hi, rows, dev)
-    read = _f32(readout, dev)
-    out, normed, readings = ext.rows(a2, b2, w, float(eps), bool(gemma), want_out, steer, coef2,
-                                     clamp, lo, hi, read, gate, thr)
+    group = _kernel_steering(steering or (None,) * len(contract.STEERING), rows, dev)
+    out, normed, readings = ext.rows(a2, b2, w, float(eps), bool(gemma), want_out, *group)
+    readout = contract.Steering(*group).readout
     return (out.view(shape) if want_out else None,
             None if weight is None else normed.view(shape),
             None if readout is None else readings.view(*shape[:-1], readings.shape[-1]))
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tensor:
-    """See :func:`personakern.backends.native.rms_norm`."""
+def _fused_for(a, b, weight, steering):
+    s = contract.Steering(*steering)
+    gated = s.steer_vecs if s.steer_vecs is not None and s.gate_vecs is not None else None
+    return _fused(a, b, weight, s.clamp_vecs, gated)
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
     ext = _fused(x, None, weight, None)
     if ext is None:
         return native.rms_norm(x, weight, eps, gemma)
     return _run(ext, x, None, weight, eps, gemma, False)[1]
 
 
-def steer_project(
-    hidden: Tensor,
-    delta: Optional[Tensor] = None,
-    steer_vecs: Optional[Tensor] = None,
-    coef: Optional[Tensor] = None,
-    clamp_vecs: Optional[Tensor] = None,
-    clamp_lo: Optional[Tensor] = None,
-    clamp_hi: Optional[Tensor] = None,
-    readout: Optional[Tensor] = None,
-    gate_vecs: Optional[Tensor] = None,
-    gate_thr: Optional[Tensor] = None,
-) -> tuple[Tensor, Optional[Tensor]]:
-    """See :func:`personakern.backends.native.steer_project`."""
-    ext = _fused(hidden, delta, None, clamp_vecs, _gated(steer_vecs, gate_vecs))
+def _steer_project(hidden: Tensor, delta: Optional[Tensor], steering: tuple):
+    ext = _fused_for(hidden, delta, None, steering)
     if ext is None:
-        return native.steer_project(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
-                                    gate_vecs, gate_thr)
-    out, _, readings = _run(ext, hidden, delta, None, 0.0, False, True, steer_vecs, coef, clamp_vecs,
-                            clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
+        return native.steer_project(hidden, delta, *steering)
+    out, _, readings = _run(ext, hidden, delta, None, 0.0, False, True, steering)
     return out, readings
 
 
-def add_rms_norm(residual: Tensor, x: Tensor, weight: Tensor, eps: float,
-                 gemma: bool = False) -> tuple[Tensor, Tensor]:
-    """See :func:`personakern.backends.native.add_rms_norm`."""
+def _add_rms_norm(residual: Tensor, x: Tensor, weight: Tensor, eps: float, gemma: bool):
     ext = _fused(residual, x, weight, None)
     if ext is None:
         return native.add_rms_norm(residual, x, weight, eps, gemma)
@@ -268,26 +260,13 @@ def add_rms_norm(residual: Tensor, x: Tensor, weight: Tensor, eps: float,
     return normed, r
 
 
-def add_rms_norm_steer_project(
-    residual: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    eps: float,
-    gemma: bool = False,
-    steer_vecs: Optional[Tensor] = None,
-    coef: Optional[Tensor] = None,
-    clamp_vecs: Optional[Tensor] = None,
-    clamp_lo: Optional[Tensor] = None,
-    clamp_hi: Optional[Tensor] = None,
-    readout: Optional[Tensor] = None,
-    gate_vecs: Optional[Tensor] = None,
-    gate_thr: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """See :func:`personakern.backends.native.add_rms_norm_steer_project`."""
-    ext = _fused(residual, x, weight, clamp_vecs, _gated(steer_vecs, gate_vecs))
+def _add_rms_norm_steer_project(residual: Tensor, x: Tensor, weight: Tensor, eps: float, gemma: bool,
+                                steering: tuple):
+    ext = _fused_for(residual, x, weight, steering)
     if ext is None:
-        return native.add_rms_norm_steer_project(residual, x, weight, eps, gemma, steer_vecs, coef,
-                                                 clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
-    r, normed, readings = _run(ext, residual, x, weight, eps, gemma, True, steer_vecs, coef, clamp_vecs,
-                               clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
+        return native.add_rms_norm_steer_project(residual, x, weight, eps, gemma, *steering)
+    r, normed, readings = _run(ext, residual, x, weight, eps, gemma, True, steering)
     return normed, r, readings
+
+
+contract.define_backend(globals())

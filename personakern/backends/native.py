@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import contract
+
 NAME = "native"
 
 
@@ -105,25 +107,11 @@ def add_rms_norm(residual: Tensor, x: Tensor, weight: Tensor, eps: float,
     return rms_norm(r, weight, eps, gemma), r
 
 
-def add_rms_norm_steer_project(
-    residual: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    eps: float,
-    gemma: bool = False,
-    steer_vecs: Optional[Tensor] = None,
-    coef: Optional[Tensor] = None,
-    clamp_vecs: Optional[Tensor] = None,
-    clamp_lo: Optional[Tensor] = None,
-    clamp_hi: Optional[Tensor] = None,
-    readout: Optional[Tensor] = None,
-    gate_vecs: Optional[Tensor] = None,
-    gate_thr: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """``steer_project(residual, x, ...)`` followed by the RMSNorm of the result.
+# The fused op's signature is the contract's (rms_norm's head, then the steering group).
+add_rms_norm_steer_project = contract.define("add_rms_norm_steer_project", """
+r, readings = steer_project(residual, x, {steering})
+return rms_norm(r, weight, eps, gemma), r, readings
+""", globals(), doc="""``steer_project(residual, x, ...)`` followed by the RMSNorm of the result.
 
     Returns ``(normed, residual_out, readings)``.
-    """
-    r, readings = steer_project(residual, x, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
-                                gate_vecs, gate_thr)
-    return rms_norm(r, weight, eps, gemma), r, readings
+    """)

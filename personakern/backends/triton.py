@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import native
+from . import contract, native
 
 NAME = "triton"
 
@@ -65,17 +65,18 @@ def _native_needed(d: int, *tensors: Optional[Tensor]) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
-def _check_groups(steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, gate_vecs=None, gate_thr=None) -> None:
+def _check_groups(steering: tuple) -> None:
     # native would fail on these too; the kernel would read a stand-in pointer instead
-    if steer_vecs is not None and coef is None:
+    s = contract.Steering(*steering)
+    if s.steer_vecs is not None and s.coef is None:
         raise ValueError("steer_vecs needs coef [N, S]")
-    if steer_vecs is not None and gate_vecs is not None and gate_thr is None:
+    if s.steer_vecs is not None and s.gate_vecs is not None and s.gate_thr is None:
         raise ValueError("gate_vecs needs gate_thr [N, S]")
-    if clamp_vecs is not None and (clamp_lo is None or clamp_hi is None):
+    if s.clamp_vecs is not None and (s.clamp_lo is None or s.clamp_hi is None):
         raise ValueError("clamp_vecs needs clamp_lo and clamp_hi [N, C]")
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tensor:
+def _rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
     d = x.shape[-1]
     if _native_needed(d, x, weight):
         return native.rms_norm(x, weight, eps, gemma)
@@ -87,77 +88,53 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tens
     return y.view(x.shape)
 
 
-def steer_project(
-    hidden: Tensor,
-    delta: Optional[Tensor] = None,
-    steer_vecs: Optional[Tensor] = None,
-    coef: Optional[Tensor] = None,
-    clamp_vecs: Optional[Tensor] = None,
-    clamp_lo: Optional[Tensor] = None,
-    clamp_hi: Optional[Tensor] = None,
-    readout: Optional[Tensor] = None,
-    gate_vecs: Optional[Tensor] = None,
-    gate_thr: Optional[Tensor] = None,
-) -> tuple[Tensor, Optional[Tensor]]:
+def _steer_project(hidden: Tensor, delta: Optional[Tensor], steering: tuple) -> tuple[Tensor, Optional[Tensor]]:
     d = hidden.shape[-1]
-    if _native_needed(d, hidden, delta, steer_vecs, clamp_vecs):
-        return native.steer_project(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
-                                    gate_vecs, gate_thr)
-    _check_groups(steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, gate_vecs, gate_thr)
+    s = contract.Steering(*steering)
+    if _native_needed(d, hidden, delta, s.steer_vecs, s.clamp_vecs):
+        return native.steer_project(hidden, delta, *steering)
+    _check_groups(steering)
     h2 = hidden.reshape(-1, d)
     if h2.shape[0] == 0:
-        return native.steer_project(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
-                                    gate_vecs, gate_thr)
+        return native.steer_project(hidden, delta, *steering)
     d2 = None
     h_dtype = hidden.dtype
     if delta is not None:
         d2 = delta.reshape(-1, d)
         h_dtype = torch.promote_types(hidden.dtype, delta.dtype)
-    _, h, readings = _ops.rows(h2, d2, h_dtype, True, None, None, 0.0, False,
-                               steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
+    _, h, readings = _ops.rows(h2, d2, h_dtype, True, None, None, 0.0, False, steering)
     return h.view(hidden.shape), readings
 
 
-def add_rms_norm(residual: Tensor, x: Tensor, weight: Tensor, eps: float,
-                 gemma: bool = False) -> tuple[Tensor, Tensor]:
-    d = x.shape[-1]
-    if _native_needed(d, residual, x, weight):
-        return native.add_rms_norm(residual, x, weight, eps, gemma)
-    r2 = residual.reshape(-1, d)
-    if r2.shape[0] == 0:
-        return native.add_rms_norm(residual, x, weight, eps, gemma)
-    h_dtype = torch.promote_types(residual.dtype, x.dtype)
-    y_dtype = h_dtype if gemma else torch.promote_types(weight.dtype, h_dtype)
-    y, h, _ = _ops.rows(r2, x.reshape(-1, d), h_dtype, True, weight, y_dtype, eps, gemma)
-    return y.view(residual.shape), h.view(residual.shape)
+def _add_rms_norm(residual: Tensor, x: Tensor, weight: Tensor, eps: float, gemma: bool):
+    return _add_rms_norm_steer_project(residual, x, weight, eps, gemma, None)
 
 
-def add_rms_norm_steer_project(
-    residual: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    eps: float,
-    gemma: bool = False,
-    steer_vecs: Optional[Tensor] = None,
-    coef: Optional[Tensor] = None,
-    clamp_vecs: Optional[Tensor] = None,
-    clamp_lo: Optional[Tensor] = None,
-    clamp_hi: Optional[Tensor] = None,
-    readout: Optional[Tensor] = None,
-    gate_vecs: Optional[Tensor] = None,
-    gate_thr: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def _add_rms_norm_steer_project(residual: Tensor, x: Tensor, weight: Tensor, eps: float, gemma: bool,
+                                steering: Optional[tuple]):
+    """``add_rms_norm`` (``steering`` None: two outputs) or the fused op (three)."""
     d = x.shape[-1]
-    if _native_needed(d, residual, x, weight, steer_vecs, clamp_vecs):
-        return native.add_rms_norm_steer_project(residual, x, weight, eps, gemma, steer_vecs, coef,
-                                                 clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
-    _check_groups(steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, gate_vecs, gate_thr)
-    r2 = residual.reshape(-1, d)
-    if r2.shape[0] == 0:
-        return native.add_rms_norm_steer_project(residual, x, weight, eps, gemma, steer_vecs, coef,
-                                                 clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
+    s = None if steering is None else contract.Steering(*steering)
+    frozen = () if s is None else (s.steer_vecs, s.clamp_vecs)
+
+    def on_native():
+        if steering is None:
+            return native.add_rms_norm(residual, x, weight, eps, gemma)
+        return native.add_rms_norm_steer_project(residual, x, weight, eps, gemma, *steering)
+
+    if _native_needed(d, residual, x, weight, *frozen):
+        return on_native()
+    if steering is not None:
+        _check_groups(steering)
+    if residual.reshape(-1, d).shape[0] == 0:
+        return on_native()
     h_dtype = torch.promote_types(residual.dtype, x.dtype)
     y_dtype = h_dtype if gemma else torch.promote_types(weight.dtype, h_dtype)
-    y, h, readings = _ops.rows(r2, x.reshape(-1, d), h_dtype, True, weight, y_dtype, eps, gemma,
-                               steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
+    y, h, readings = _ops.rows(residual.reshape(-1, d), x.reshape(-1, d), h_dtype, True, weight, y_dtype, eps,
+                               gemma, *(() if steering is None else (steering,)))
+    if steering is None:
+        return y.view(residual.shape), h.view(residual.shape)
     return y.view(residual.shape), h.view(residual.shape), readings
+
+
+contract.define_backend(globals())

@@ -133,20 +133,15 @@ def rows(
     y_dtype: Optional[torch.dtype] = None,
     eps: float = 0.0,
     gemma: bool = False,
-    steer_vecs: Optional[Tensor] = None,
-    coef: Optional[Tensor] = None,
-    clamp_vecs: Optional[Tensor] = None,
-    clamp_lo: Optional[Tensor] = None,
-    clamp_hi: Optional[Tensor] = None,
-    readout: Optional[Tensor] = None,
-    gate_vecs: Optional[Tensor] = None,
-    gate_thr: Optional[Tensor] = None,
+    steering: tuple = (None,) * 8,
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Run the row pipeline on 2-D ``[N, D]`` inputs; returns ``(y, h, readings)``.
 
+    ``steering`` is the steering group of ``personakern.backends.contract`` in its order.
     ``y`` is None without ``weight`` (no norm), ``h`` is None unless ``store_h``. Callers
     guarantee N > 0 and D <= MAX_D; the group tensors' dtypes are converted in the kernel.
     """
+    steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs, gate_thr = steering
     n, d = x.shape
     block, warps = _launch_config(d)
     if steer_vecs is not None and gate_vecs is not None:

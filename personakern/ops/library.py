@@ -1,13 +1,16 @@
 """``torch.library`` registration of a compiled backend's kernels.
 
-A compiled backend (cpu, triton, cuda) provides raw kernels with the native signatures. This
-module turns them into ``personakern::<backend>_<op>`` custom ops with
+A compiled backend (cpu, triton, cuda) provides raw kernels with the contract's signatures
+(:mod:`personakern.backends.contract`). This module turns them into
+``personakern::<backend>_<op>`` custom ops, everything argument-shaped generated from the
+contract: the schema, the public wrappers, and
 
 - fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces the patched model;
 - autograd through ``hidden``/``delta``/``residual``/``x`` and the norm weight (the persona
   vectors, coefficients and bounds are frozen), with closed-form backward formulas in plain
   torch ops, so preventative steering trains on the fused path and AOTAutograd can trace the
-  backward too.
+  backward too. Saving the inputs and laying the gradients out in argument order is generic;
+  only the formulas (:data:`BACKWARD`) are per op.
 
 The ops are functional (outputs are new tensors). Writing the block output to a fresh buffer
 moves the same bytes as updating ``hidden`` in place (one read, one write per row), and a
@@ -23,6 +26,9 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+from ..backends import contract
+
 
 def _acc(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -69,148 +75,118 @@ def _rms_norm_grad(g: Tensor, r: Tensor, weight: Tensor, eps: float, gemma: bool
     return grad_r.to(r.dtype), grad_w.to(weight.dtype)
 
 
+# ---------------------------------------------------------------------------- backward formulas
+# Per op: the inputs (by contract name) and outputs (by index) the backward needs, and the
+# formula, which returns the gradients of the differentiable inputs by name. Saving, restoring
+# and laying the gradients out in argument order is generic (see _register_autograd).
+def _rms_norm_backward(a, outs, g):
+    gx, gw = _rms_norm_grad(g[0], a.x, a.weight, a.eps, a.gemma)
+    return {"x": gx, "weight": gw}
+
+
+def _steer_backward(a, outs, g):
+    h = a.hidden if a.delta is None else a.hidden + a.delta
+    gh = _steer_grad(g[0], h, a.steer_vecs, a.coef, a.clamp_vecs, a.clamp_lo, a.clamp_hi, a.gate_vecs, a.gate_thr)
+    return {"hidden": gh, "delta": gh}
+
+
+def _add_norm_backward(a, outs, g):
+    gr, gw = _rms_norm_grad(g[0], outs[0], a.weight, a.eps, a.gemma)
+    gr = gr + g[1]
+    return {"residual": gr, "x": gr, "weight": gw}
+
+
+def _fused_backward(a, outs, g):
+    gr, gw = _rms_norm_grad(g[0], outs[0], a.weight, a.eps, a.gemma)
+    gh = _steer_grad(gr + g[1], a.residual + a.x, a.steer_vecs, a.coef, a.clamp_vecs, a.clamp_lo, a.clamp_hi,
+                     a.gate_vecs, a.gate_thr)
+    return {"residual": gh, "x": gh, "weight": gw}
+
+
+_STEER_SAVED = tuple(a.name for a in contract.STEERING if a.name != "readout")
+BACKWARD = {
+    "rms_norm": (("x", "weight"), (), _rms_norm_backward),
+    "steer_project": (("hidden", "delta") + _STEER_SAVED, (), _steer_backward),
+    "add_rms_norm": (("weight",), (1,), _add_norm_backward),
+    "add_rms_norm_steer_project": (("residual", "x", "weight") + _STEER_SAVED, (1,), _fused_backward),
+}
+
+
 # ---------------------------------------------------------------------------- registration
+def _bind(op: str, args: tuple, kwargs: dict) -> dict:
+    """The arguments by name, defaults filled in (the dispatcher may leave trailing defaults out)."""
+    a = {arg.name: arg.default for arg in contract.OPS[op].args}
+    a.update(zip(a, args), **kwargs)
+    return a
+
+
+def _fake(op: str):
+    spec = contract.OPS[op]
+
+    def fake(*args, **kwargs):
+        a = _bind(op, args, kwargs)
+        outs = []
+        for like in spec.outputs:
+            if like == "readings":
+                rows, readout = a[spec.args[0].name], a[spec.readings_of]
+                m = 0 if readout is None else readout.shape[0]
+                outs.append(rows.new_empty((rows.shape[0], m), dtype=torch.float32))
+            else:
+                outs.append(torch.empty_like(a[like]))
+        return outs[0] if len(outs) == 1 else tuple(outs)
+    return fake
+
+
+def _register_autograd(custom, op: str) -> None:
+    args = contract.OPS[op].args
+    names = [a.name for a in args]
+    scalars = [a.name for a in args if a.role == contract.SCALAR]
+    grad = [a.role == contract.GRAD for a in args]
+    saved_inputs, saved_outputs, formula = BACKWARD[op]
+
+    def setup_context(ctx, inputs, output):
+        a = _bind(op, inputs, {})
+        ctx.scalars = {n: a[n] for n in scalars}
+        ctx.given = [a[n] is not None for n in names]
+        output = output if isinstance(output, tuple) else (output,)
+        ctx.save_for_backward(*(a[n] for n in saved_inputs), *(output[i] for i in saved_outputs))
+
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        k = len(saved_inputs)
+        a = SimpleNamespace(**ctx.scalars, **dict(zip(saved_inputs, saved[:k])))
+        got = formula(a, saved[k:], grads)
+        return tuple(got[n] if g and given else None for n, g, given in zip(names, grad, ctx.given))
+
+    custom.register_autograd(backward, setup_context=setup_context)
+
+
 def register(prefix: str, kernels: SimpleNamespace, fast_path: Callable[[], bool] = lambda: True) -> SimpleNamespace:
-    """Register ``kernels`` (raw functions with the native signatures) as custom ops and
-    return a namespace of the four ops with the native Python signatures."""
-    lib = "personakern"
-
-    @torch.library.custom_op(f"{lib}::{prefix}_rms_norm", mutates_args=())
-    def rms_norm_op(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
-        return kernels.rms_norm(x, weight, eps, gemma)
-
-    @rms_norm_op.register_fake
-    def _(x, weight, eps, gemma):
-        return torch.empty_like(x)
-
-    def rms_setup(ctx, inputs, output):
-        x, weight, eps, gemma = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.eps, ctx.gemma = eps, gemma
-
-    def rms_backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        gx, gw = _rms_norm_grad(g, x, weight, ctx.eps, ctx.gemma)
-        return gx, gw, None, None
-
-    rms_norm_op.register_autograd(rms_backward, setup_context=rms_setup)
-
-    @torch.library.custom_op(f"{lib}::{prefix}_steer_project", mutates_args=())
-    def steer_op(hidden: Tensor, delta: Optional[Tensor], steer_vecs: Optional[Tensor], coef: Optional[Tensor],
-                 clamp_vecs: Optional[Tensor], clamp_lo: Optional[Tensor], clamp_hi: Optional[Tensor],
-                 readout: Optional[Tensor], gate_vecs: Optional[Tensor] = None,
-                 gate_thr: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        out, readings = kernels.steer_project(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
-                                              gate_vecs, gate_thr)
-        return out, _readings_or_empty(readings, hidden)
-
-    @steer_op.register_fake
-    def _(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs=None, gate_thr=None):
-        m = 0 if readout is None else readout.shape[0]
-        return torch.empty_like(hidden), hidden.new_empty((hidden.shape[0], m), dtype=torch.float32)
-
-    def steer_setup(ctx, inputs, output):
-        hidden, delta, steer_vecs, coef, clamp_vecs, lo, hi, _, gate_vecs, gate_thr = inputs
-        ctx.has_delta = delta is not None
-        ctx.save_for_backward(hidden, delta, steer_vecs, coef, clamp_vecs, lo, hi, gate_vecs, gate_thr)
-
-    def steer_backward(ctx, g, g_readings):
-        hidden, delta, steer_vecs, coef, clamp_vecs, lo, hi, gate_vecs, gate_thr = ctx.saved_tensors
-        h = hidden if delta is None else hidden + delta
-        gh = _steer_grad(g, h, steer_vecs, coef, clamp_vecs, lo, hi, gate_vecs, gate_thr)
-        return gh, (gh if ctx.has_delta else None), None, None, None, None, None, None, None, None
-
-    steer_op.register_autograd(steer_backward, setup_context=steer_setup)
-
-    @torch.library.custom_op(f"{lib}::{prefix}_add_rms_norm", mutates_args=())
-    def add_norm_op(residual: Tensor, x: Tensor, weight: Tensor, eps: float, gemma: bool) -> tuple[Tensor, Tensor]:
-        return kernels.add_rms_norm(residual, x, weight, eps, gemma)
-
-    @add_norm_op.register_fake
-    def _(residual, x, weight, eps, gemma):
-        return torch.empty_like(residual), torch.empty_like(residual)
-
-    def add_norm_setup(ctx, inputs, output):
-        _, _, weight, eps, gemma = inputs
-        ctx.save_for_backward(output[1], weight)
-        ctx.eps, ctx.gemma = eps, gemma
-
-    def add_norm_backward(ctx, g_normed, g_r):
-        r, weight = ctx.saved_tensors
-        gr, gw = _rms_norm_grad(g_normed, r, weight, ctx.eps, ctx.gemma)
-        gr = gr + g_r
-        return gr, gr, gw, None, None
-
-    add_norm_op.register_autograd(add_norm_backward, setup_context=add_norm_setup)
-
-    @torch.library.custom_op(f"{lib}::{prefix}_add_rms_norm_steer_project", mutates_args=())
-    def fused_op(residual: Tensor, x: Tensor, weight: Tensor, eps: float, gemma: bool,
-                 steer_vecs: Optional[Tensor], coef: Optional[Tensor], clamp_vecs: Optional[Tensor],
-                 clamp_lo: Optional[Tensor], clamp_hi: Optional[Tensor],
-                 readout: Optional[Tensor], gate_vecs: Optional[Tensor] = None,
-                 gate_thr: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-        normed, r, readings = kernels.add_rms_norm_steer_project(
-            residual, x, weight, eps, gemma, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
-            gate_vecs, gate_thr)
-        return normed, r, _readings_or_empty(readings, residual)
-
-    @fused_op.register_fake
-    def _(residual, x, weight, eps, gemma, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
-          gate_vecs=None, gate_thr=None):
-        m = 0 if readout is None else readout.shape[0]
-        return (torch.empty_like(residual), torch.empty_like(residual),
-                residual.new_empty((residual.shape[0], m), dtype=torch.float32))
-
-    def fused_setup(ctx, inputs, output):
-        residual, x, weight, eps, gemma, steer_vecs, coef, clamp_vecs, lo, hi, _, gate_vecs, gate_thr = inputs
-        ctx.eps, ctx.gemma = eps, gemma
-        ctx.save_for_backward(residual, x, output[1], weight, steer_vecs, coef, clamp_vecs, lo, hi,
-                              gate_vecs, gate_thr)
-
-    def fused_backward(ctx, g_normed, g_r, g_readings):
-        residual, x, r, weight, steer_vecs, coef, clamp_vecs, lo, hi, gate_vecs, gate_thr = ctx.saved_tensors
-        gr, gw = _rms_norm_grad(g_normed, r, weight, ctx.eps, ctx.gemma)
-        gh = _steer_grad(gr + g_r, residual + x, steer_vecs, coef, clamp_vecs, lo, hi, gate_vecs, gate_thr)
-        return gh, gh, gw, None, None, None, None, None, None, None, None, None, None
-
-    fused_op.register_autograd(fused_backward, setup_context=fused_setup)
-
+    """Register ``kernels`` (raw functions with the contract's signatures) as custom ops and
+    return a namespace of the four ops with those signatures."""
     def _direct(*tensors) -> bool:
         """Call the raw kernel: eager, and no gradient will be asked of this call."""
         if torch.compiler.is_compiling() or not fast_path():
             return False
         return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
-    def rms_norm(x, weight, eps, gemma=False):
-        if _direct(x, weight):
-            return kernels.rms_norm(x, weight, eps, gemma)
-        return rms_norm_op(x, weight, eps, gemma)
-
-    def steer_project(hidden, delta=None, steer_vecs=None, coef=None, clamp_vecs=None, clamp_lo=None,
-                      clamp_hi=None, readout=None, gate_vecs=None, gate_thr=None):
-        if _direct(hidden, delta):
-            return kernels.steer_project(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
-                                         gate_vecs, gate_thr)
-        out, readings = steer_op(hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout,
-                                 gate_vecs, gate_thr)
-        return out, (None if readout is None else readings)
-
-    def add_rms_norm(residual, x, weight, eps, gemma=False):
-        if _direct(residual, x, weight):
-            return kernels.add_rms_norm(residual, x, weight, eps, gemma)
-        return add_norm_op(residual, x, weight, eps, gemma)
-
-    def add_rms_norm_steer_project(residual, x, weight, eps, gemma=False, steer_vecs=None, coef=None,
-                                   clamp_vecs=None, clamp_lo=None, clamp_hi=None, readout=None,
-                                   gate_vecs=None, gate_thr=None):
-        if _direct(residual, x, weight):
-            return kernels.add_rms_norm_steer_project(residual, x, weight, eps, gemma, steer_vecs, coef,
-                                                      clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
-        normed, r, readings = fused_op(residual, x, weight, eps, gemma, steer_vecs, coef, clamp_vecs,
-                                       clamp_lo, clamp_hi, readout, gate_vecs, gate_thr)
-        return normed, r, (None if readout is None else readings)
-
-    return SimpleNamespace(rms_norm=rms_norm, steer_project=steer_project, add_rms_norm=add_rms_norm,
-                           add_rms_norm_steer_project=add_rms_norm_steer_project,
-                           ops=SimpleNamespace(rms_norm=rms_norm_op, steer_project=steer_op,
-                                               add_rms_norm=add_norm_op, add_rms_norm_steer_project=fused_op))
+    public, custom_ops = {}, {}
+    for op, spec in contract.OPS.items():
+        # looked up at each call: the cpu backend rebinds its names once the extension loads
+        def impl(*args, _op=op, **kwargs):
+            outs = getattr(kernels, _op)(*args, **kwargs)
+            if contract.OPS[_op].readings_of is None:
+                return outs
+            return (*outs[:-1], _readings_or_empty(outs[-1], args[0]))
+        custom = torch.library.custom_op(f"personakern::{prefix}_{op}", impl, mutates_args=(),
+                                         schema=contract.schema(op))
+        custom.register_fake(_fake(op))
+        _register_autograd(custom, op)
+        custom_ops[op] = custom
+        # the custom op returns [N, 0] readings without a readout; the contract says None
+        body = f"if _direct({{grad}}):\n    return _kernels.{op}({{args}})\n"
+        body += ("return _op({args})" if spec.readings_of is None else
+                 "outs = _op({args})\nreturn (*outs[:-1], None if {readout} is None else outs[-1])")
+        # no __name__ in these globals: torch.compile would look the names up in that module
+        public[op] = contract.define(op, body, {"_direct": _direct, "_kernels": kernels, "_op": custom})
+    return SimpleNamespace(**public, ops=SimpleNamespace(**custom_ops))

@@ -30,27 +30,36 @@ inline void need(bool ok) {
 enum Op { kRmsNorm, kSteerProject, kAddRmsNorm, kFused, kNumOps };
 PyObject* g_native[kNumOps] = {};
 
-// Parameter lists must match personakern/backends/native.py exactly.
+// The names this file reads arguments by. Their positions come from the op contract
+// (personakern/backends/contract.py) through _set_fallbacks, so calls bind as the native
+// signature does; a call giving a contract argument not named here goes to native.
+enum Name { kX, kWeight, kEps, kGemma, kHidden, kDelta, kResidual, kSteerVecs, kCoef, kClampVecs,
+            kClampLo, kClampHi, kReadout, kGateVecs, kGateThr, kNumNames };
+const char* const kNames[kNumNames] = {"x", "weight", "eps", "gemma", "hidden", "delta", "residual",
+                                       "steer_vecs", "coef", "clamp_vecs", "clamp_lo", "clamp_hi",
+                                       "readout", "gate_vecs", "gate_thr"};
+
 struct Signature {
-  std::vector<const char*> names;
-  int required;
-  std::vector<PyObject*> interned;
+  std::vector<PyObject*> interned;  // parameter names in contract order
+  int required = 0;
+  int pos[kNumNames];  // where each name sits in the parameter list, -1 where the op has none
+  std::vector<int> unknown;  // positions of parameters this file does not read
 };
-Signature g_sig[kNumOps] = {
-    {{"x", "weight", "eps", "gemma"}, 3, {}},
-    {{"hidden", "delta", "steer_vecs", "coef", "clamp_vecs", "clamp_lo", "clamp_hi", "readout",
-      "gate_vecs", "gate_thr"}, 1, {}},
-    {{"residual", "x", "weight", "eps", "gemma"}, 4, {}},
-    {{"residual", "x", "weight", "eps", "gemma", "steer_vecs", "coef", "clamp_vecs", "clamp_lo",
-      "clamp_hi", "readout", "gate_vecs", "gate_thr"}, 4, {}},
+Signature g_sig[kNumOps];
+constexpr int kMaxParams = 16;
+
+// Bound arguments of one call: by name, nullptr where not given or not a parameter of the op.
+struct Args {
+  const Signature& sig;
+  PyObject* slots[kMaxParams];
+  PyObject* operator[](Name n) const { return sig.pos[n] < 0 ? nullptr : slots[sig.pos[n]]; }
 };
-constexpr int kMaxParams = 13;
 
 // Positional and keyword arguments into slots (nullptr = not given). Anything odd returns false
 // and the call goes to native, which raises the proper TypeError.
 bool bind(const Signature& sig, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames,
           PyObject** slots) {
-  const Py_ssize_t count = static_cast<Py_ssize_t>(sig.names.size());
+  const Py_ssize_t count = static_cast<Py_ssize_t>(sig.interned.size());
   if (nargs > count) return false;
   for (Py_ssize_t i = 0; i < count; ++i) slots[i] = i < nargs ? args[i] : nullptr;
   if (kwnames) {
@@ -67,6 +76,8 @@ bool bind(const Signature& sig, PyObject* const* args, Py_ssize_t nargs, PyObjec
   }
   for (int i = 0; i < sig.required; ++i)
     if (!slots[i]) return false;
+  for (int i : sig.unknown)
+    if (slots[i] && slots[i] != Py_None) return false;
   return true;
 }
 
@@ -154,41 +165,40 @@ bool flag_of(PyObject* o) {
   return v == 1;
 }
 
-// slots: hidden, delta, steer_vecs, coef, clamp_vecs, clamp_lo, clamp_hi, readout, gate_vecs,
-// gate_thr.
-void steer_args(Inputs& in, PyObject* const* slot, const Tensor& hidden, SteerArgs& a,
+// The steering group of the contract, added to the rows `hidden` (+ `delta`).
+void steer_args(Inputs& in, const Args& arg, PyObject* delta_arg, const Tensor& hidden, SteerArgs& a,
                 Tensor& readings) {
   a.d = hidden.size(-1);
   a.n = hidden.numel() / a.d;
   a.hidden = hidden.const_data_ptr();
   // Per-row tables only line up with rows when the rows are the tensor's first dimension.
   const bool per_row_ok = hidden.dim() == 2;
-  if (const Tensor* delta = in.get(slot[1])) {
+  if (const Tensor* delta = in.get(delta_arg)) {
     need(delta->scalar_type() == hidden.scalar_type() && delta->sizes() == hidden.sizes());
     a.delta = delta->const_data_ptr();
   }
-  const Tensor* steer = in.get(slot[2]);
+  const Tensor* steer = in.get(arg[kSteerVecs]);
   if (steer) {
     need(steer->scalar_type() == c10::kFloat && steer->dim() == 2 && steer->size(1) == a.d);
-    const Tensor& coef = in.require(slot[3]);
+    const Tensor& coef = in.require(arg[kCoef]);
     a.s = steer->size(0);
     a.coef_stride = row_stride(coef, a.s, a.n, per_row_ok);
     a.steer = f32(*steer);
     a.coef = f32(coef);
-    if (const Tensor* gate = in.get(slot[8])) {
+    if (const Tensor* gate = in.get(arg[kGateVecs])) {
       need(gate->scalar_type() == c10::kFloat && gate->dim() == 2 && gate->size(0) == a.s &&
            gate->size(1) == a.d);
-      const Tensor& thr = in.require(slot[9]);
+      const Tensor& thr = in.require(arg[kGateThr]);
       a.gate_stride = row_stride(thr, a.s, a.n, per_row_ok);
       a.gate = f32(*gate);
       a.gate_thr = f32(thr);
     }
   }
-  const Tensor* clamp = in.get(slot[4]);
+  const Tensor* clamp = in.get(arg[kClampVecs]);
   if (clamp) {
     need(clamp->scalar_type() == c10::kFloat && clamp->dim() == 2 && clamp->size(1) == a.d);
-    const Tensor& lo = in.require(slot[5]);
-    const Tensor& hi = in.require(slot[6]);
+    const Tensor& lo = in.require(arg[kClampLo]);
+    const Tensor& hi = in.require(arg[kClampHi]);
     a.c = clamp->size(0);
     a.lo_stride = row_stride(lo, a.c, a.n, per_row_ok);
     a.hi_stride = row_stride(hi, a.c, a.n, per_row_ok);
@@ -196,7 +206,7 @@ void steer_args(Inputs& in, PyObject* const* slot, const Tensor& hidden, SteerAr
     a.lo = f32(lo);
     a.hi = f32(hi);
   }
-  if (const Tensor* readout = in.get(slot[7])) {
+  if (const Tensor* readout = in.get(arg[kReadout])) {
     need(readout->scalar_type() == c10::kFloat && readout->dim() == 2 && readout->size(1) == a.d);
     a.m = readout->size(0);
     a.readout = f32(*readout);
@@ -244,12 +254,12 @@ PyObject* tuple_of(std::initializer_list<PyObject*> items) {
   return tup;
 }
 
-PyObject* do_rms_norm(PyObject* const* slot) {
+PyObject* do_rms_norm(const Args& arg) {
   Inputs in;
-  const Tensor& x = model_rows(in, slot[0]);
-  const Tensor& w = weight_for(in, slot[1], x);
-  const float eps = eps_of(slot[2]);
-  const bool gemma = flag_of(slot[3]);
+  const Tensor& x = model_rows(in, arg[kX]);
+  const Tensor& w = weight_for(in, arg[kWeight], x);
+  const float eps = eps_of(arg[kEps]);
+  const bool gemma = flag_of(arg[kGemma]);
   Tensor out = new_like(x);
   const int64_t d = x.size(-1);
   maybe_without_gil(3 * x.numel(), [&] {
@@ -259,33 +269,29 @@ PyObject* do_rms_norm(PyObject* const* slot) {
   return THPVariable_Wrap(std::move(out));
 }
 
-PyObject* do_steer_project(PyObject* const* slot) {
+PyObject* do_steer_project(const Args& arg) {
   Inputs in;
-  const Tensor& hidden = model_rows(in, slot[0]);
+  const Tensor& hidden = model_rows(in, arg[kHidden]);
   SteerArgs a;
   Tensor readings;
-  steer_args(in, slot, hidden, a, readings);
+  steer_args(in, arg, arg[kDelta], hidden, a, readings);
   Tensor out = new_like(hidden);
   a.out = out.mutable_data_ptr();
   run_steer(hidden.scalar_type(), a);
   return tuple_of({THPVariable_Wrap(std::move(out)), wrap(readings)});
 }
 
-// add_rms_norm (fused=false) and add_rms_norm_steer_project (fused=true).
-PyObject* do_add_rms_norm(PyObject* const* slot, bool fused) {
+// add_rms_norm (fused=false: the op has no steering arguments) and add_rms_norm_steer_project.
+PyObject* do_add_rms_norm(const Args& arg, bool fused) {
   Inputs in;
-  const Tensor& residual = model_rows(in, slot[0]);
-  const Tensor& w = weight_for(in, slot[2], residual);
+  const Tensor& residual = model_rows(in, arg[kResidual]);
+  const Tensor& w = weight_for(in, arg[kWeight], residual);
   SteerArgs a;
-  a.eps = eps_of(slot[3]);
-  a.gemma = flag_of(slot[4]);
-  PyObject* const none[8] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
-  PyObject* const* extra = fused ? slot + 5 : none;
-  PyObject* const steer_slots[10] = {slot[0], slot[1], extra[0], extra[1], extra[2],
-                                     extra[3], extra[4], extra[5], extra[6], extra[7]};
+  a.eps = eps_of(arg[kEps]);
+  a.gemma = flag_of(arg[kGemma]);
   Tensor readings;
-  need(slot[1] && slot[1] != Py_None);  // x is required by the reference
-  steer_args(in, steer_slots, residual, a, readings);
+  need(arg[kX] && arg[kX] != Py_None);  // x is required by the reference
+  steer_args(in, arg, arg[kX], residual, a, readings);
   Tensor r = new_like(residual);
   Tensor normed = new_like(residual);
   a.out = r.mutable_data_ptr();
@@ -299,14 +305,14 @@ PyObject* do_add_rms_norm(PyObject* const* slot, bool fused) {
 
 template <Op op>
 PyObject* entry(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
-  PyObject* slots[kMaxParams];
-  if (bind(g_sig[op], args, nargs, kwnames, slots)) {
+  Args arg{g_sig[op], {}};
+  if (bind(g_sig[op], args, nargs, kwnames, arg.slots)) {
     try {
       switch (op) {
-        case kRmsNorm: return do_rms_norm(slots);
-        case kSteerProject: return do_steer_project(slots);
-        case kAddRmsNorm: return do_add_rms_norm(slots, false);
-        default: return do_add_rms_norm(slots, true);
+        case kRmsNorm: return do_rms_norm(arg);
+        case kSteerProject: return do_steer_project(arg);
+        case kAddRmsNorm: return do_add_rms_norm(arg, false);
+        default: return do_add_rms_norm(arg, true);
       }
     } catch (const Fallback&) {
     } catch (const c10::Error& e) {
@@ -324,37 +330,66 @@ PyObject* entry(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kw
   return PyObject_Vectorcall(g_native[op], args, nargs, kwnames);
 }
 
-PyObject* set_fallbacks(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != kNumOps) {
-    PyErr_SetString(PyExc_TypeError, "_set_fallbacks expects the four native ops");
+#define PK_FAST(fn) reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(fn))
+
+const char* const kOpNames[kNumOps] = {"rms_norm", "steer_project", "add_rms_norm",
+                                       "add_rms_norm_steer_project"};
+const PyCFunction kEntries[kNumOps] = {PK_FAST(entry<kRmsNorm>), PK_FAST(entry<kSteerProject>),
+                                       PK_FAST(entry<kAddRmsNorm>), PK_FAST(entry<kFused>)};
+
+// One op's parameters from the contract: (names in order, how many have no default, doc with
+// the text signature that inspect.signature reads). Sets module.<op> to a new C entry point.
+bool bind_op(PyObject* module, int op, PyObject* spec) {
+  PyObject *names, *doc;
+  Signature sig;
+  if (!PyArg_ParseTuple(spec, "O!iU", &PyTuple_Type, &names, &sig.required, &doc)) return false;
+  const Py_ssize_t count = PyTuple_GET_SIZE(names);
+  bool ok = count <= kMaxParams && sig.required >= 0 && sig.required <= count;
+  std::fill(std::begin(sig.pos), std::end(sig.pos), -1);
+  for (Py_ssize_t i = 0; ok && i < count; ++i) {
+    PyObject* name = Py_NewRef(PyTuple_GET_ITEM(names, i));
+    ok = PyUnicode_Check(name);
+    if (ok) PyUnicode_InternInPlace(&name);  // kept for the life of the process
+    sig.interned.push_back(name);
+    int n = 0;
+    while (ok && n < kNumNames && PyUnicode_CompareWithASCIIString(name, kNames[n]) != 0) ++n;
+    if (n < kNumNames) sig.pos[n] = static_cast<int>(i);
+    else sig.unknown.push_back(static_cast<int>(i));
+  }
+  const char* text = ok ? PyUnicode_AsUTF8(doc) : nullptr;
+  if (!text) {
+    if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "personakern cpu: bad parameters for %s", kOpNames[op]);
+    return false;
+  }
+  // A method definition must outlive its function objects: it and its doc are never freed.
+  auto* def = new PyMethodDef{kOpNames[op], kEntries[op], METH_FASTCALL | METH_KEYWORDS, strdup(text)};
+  PyObject* fn = PyCFunction_NewEx(def, module, nullptr);  // module: "$module" in the signature
+  g_sig[op] = std::move(sig);
+  const int rc = fn ? PyObject_SetAttrString(module, kOpNames[op], fn) : -1;
+  Py_XDECREF(fn);
+  return rc == 0;
+}
+
+// _set_fallbacks(rms_norm, steer_project, add_rms_norm, add_rms_norm_steer_project[, contract]):
+// the native ops that take calls outside the fast path, and (first time) each op's parameters
+// as bind_op takes them, in that order.
+PyObject* set_fallbacks(PyObject* module, PyObject* const* args, Py_ssize_t nargs) {
+  PyObject* contract = nargs > kNumOps ? args[kNumOps] : nullptr;
+  if ((nargs != kNumOps && !contract) || nargs > kNumOps + 1 ||
+      (contract && (!PyTuple_Check(contract) || PyTuple_GET_SIZE(contract) != kNumOps))) {
+    PyErr_SetString(PyExc_TypeError, "_set_fallbacks expects the four native ops (and their parameters)");
     return nullptr;
   }
-  for (int i = 0; i < kNumOps; ++i) {
-    Py_XSETREF(g_native[i], Py_NewRef(args[i]));
-  }
+  for (int i = 0; contract && i < kNumOps; ++i)
+    if (!bind_op(module, i, PyTuple_GET_ITEM(contract, i))) return nullptr;
+  for (int i = 0; i < kNumOps; ++i) Py_XSETREF(g_native[i], Py_NewRef(args[i]));
   Py_RETURN_NONE;
 }
 
-#define PK_FAST(fn) reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(fn))
-
 PyMethodDef g_methods[] = {
-    {"rms_norm", PK_FAST(entry<kRmsNorm>), METH_FASTCALL | METH_KEYWORDS,
-     "rms_norm($module, x, weight, eps, gemma=False)\n--\n\nFused RMSNorm (see backends.native)."},
-    {"steer_project", PK_FAST(entry<kSteerProject>), METH_FASTCALL | METH_KEYWORDS,
-     "steer_project($module, hidden, delta=None, steer_vecs=None, coef=None, clamp_vecs=None, "
-     "clamp_lo=None, clamp_hi=None, readout=None, gate_vecs=None, gate_thr=None)\n--\n\n"
-     "Residual add, steering, clamping and readout (see backends.native)."},
-    {"add_rms_norm", PK_FAST(entry<kAddRmsNorm>), METH_FASTCALL | METH_KEYWORDS,
-     "add_rms_norm($module, residual, x, weight, eps, gemma=False)\n--\n\n"
-     "Residual add and RMSNorm (see backends.native)."},
-    {"add_rms_norm_steer_project", PK_FAST(entry<kFused>), METH_FASTCALL | METH_KEYWORDS,
-     "add_rms_norm_steer_project($module, residual, x, weight, eps, gemma=False, steer_vecs=None, "
-     "coef=None, clamp_vecs=None, clamp_lo=None, clamp_hi=None, readout=None, gate_vecs=None, "
-     "gate_thr=None)\n--\n\n"
-     "steer_project followed by RMSNorm, in one pass per row (see backends.native)."},
     {"_set_fallbacks", PK_FAST(set_fallbacks), METH_FASTCALL,
-     "_set_fallbacks($module, rms_norm, steer_project, add_rms_norm, add_rms_norm_steer_project)"
-     "\n--\n\nNative ops that take calls outside the fast path."},
+     "_set_fallbacks($module, rms_norm, steer_project, add_rms_norm, add_rms_norm_steer_project, "
+     "contract=None)\n--\n\nNative ops for calls outside the fast path; the ops' parameters."},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -367,13 +402,4 @@ PyModuleDef g_module = {PyModuleDef_HEAD_INIT, PK_STR(TORCH_EXTENSION_NAME), nul
 
 }  // namespace
 
-PyMODINIT_FUNC PK_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
-  for (auto& sig : g_sig) {
-    for (const char* name : sig.names) {
-      PyObject* s = PyUnicode_InternFromString(name);
-      if (!s) return nullptr;
-      sig.interned.push_back(s);
-    }
-  }
-  return PyModule_Create(&g_module);
-}
+PyMODINIT_FUNC PK_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&g_module); }
