@@ -300,3 +300,65 @@ def test_inside_custom_op_autograd():
         (normed * torch.arange(40.0)).sum().backward()
         grads.append(h.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
+
+
+def vllm_like_tables(n, d, t=5, g=3, gen=None):
+    """The shape of personakern.vllm's step tables: T trait columns (zero gate, threshold -inf)
+    plus G conditional columns, per-row alphas that are zero for most rows and columns, clamp
+    bounds (-inf, inf) except where a row caps, and a read-out per trait."""
+    vec = 3 * unit(t, d, gen)
+    steer = torch.zeros(t + g, d)
+    steer[:t] = vec
+    steer[t:] = vec[:g]
+    gate = torch.zeros(t + g, d)
+    gate[t:] = unit(g, d, gen)
+    thr = torch.full((n, t + g), -INF)
+    thr[:, t:] = torch.randn(n, g, generator=gen)
+    coef = torch.randn(n, t + g, generator=gen) * (torch.rand(n, t + g, generator=gen) < 0.2)
+    coef[: max(1, n // 2)] = 0.0                          # plain rows
+    lo, hi = torch.full((n, t), -INF), torch.full((n, t), INF)
+    if n > 1:
+        hi[-1, 0] = -0.5                                  # one capped row
+    units = torch.nn.functional.normalize(vec, dim=-1)
+    return dict(steer_vecs=steer, coef=coef, clamp_vecs=units, clamp_lo=lo, clamp_hi=hi, readout=units,
+                gate_vecs=gate, gate_thr=thr)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d", [(1, 576), (32, 576), (9, 4099)])
+def test_sparse_tables_equal_native_and_plain_rows_equal_the_bare_op(dtype, n, d):
+    """Zero alphas and unbounded clamps are skipped inside the kernel: rows with nothing to do
+    come out bit-identical to the op without any steering or clamping, the others as native."""
+    gen = torch.Generator().manual_seed(n + d)
+    t = make(n, d, dtype, steer=False, clamp=False, read=False)
+    tables = vllm_like_tables(n, d, gen=gen)
+    args = (t["hidden"], t["delta"], t["weight"], EPS, False)
+    (normed, r, readings), _ = run_both("add_rms_norm_steer_project", dtype, args, tables)
+    bare_normed, bare_r, bare_readings = cpu.add_rms_norm_steer_project(*args, readout=tables["readout"])
+    plain = (tables["coef"] == 0).all(1) & torch.isinf(tables["clamp_hi"]).all(1)
+    assert plain.any()
+    assert torch.equal(r[plain], bare_r[plain]) and torch.equal(normed[plain], bare_normed[plain])
+    assert torch.equal(readings[plain], bare_readings[plain])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 1e30])
+def test_unbounded_clamps_on_nonfinite_or_huge_rows_match_native(bad):
+    """A clamp with bounds (-inf, inf) is skipped only on rows bounded well inside float range:
+    NaN, inf and overflowing projections spread through the row exactly as in the reference."""
+    gen = torch.Generator().manual_seed(7)
+    n, d = 4, 40
+    tables = vllm_like_tables(n, d, gen=gen)
+    hidden = torch.randn(n, d, generator=gen)
+    hidden[1, 3] = bad
+    hidden[2, :] = bad if not math.isnan(bad) else 1.0
+    delta = torch.zeros(n, d)
+    got = cpu.steer_project(hidden, delta, tables["steer_vecs"], tables["coef"], tables["clamp_vecs"],
+                            tables["clamp_lo"], tables["clamp_hi"], tables["readout"],
+                            tables["gate_vecs"], tables["gate_thr"])
+    ref = native.steer_project(hidden, delta, tables["steer_vecs"], tables["coef"], tables["clamp_vecs"],
+                               tables["clamp_lo"], tables["clamp_hi"], tables["readout"],
+                               tables["gate_vecs"], tables["gate_thr"])
+    for g, r in zip(got, ref):
+        assert torch.equal(torch.isnan(g), torch.isnan(r)) and torch.equal(torch.isinf(g), torch.isinf(r))
+        ok = torch.isfinite(r)
+        torch.testing.assert_close(g[ok], r[ok], rtol=1e-5, atol=1e-3)

@@ -122,6 +122,43 @@ inline void combine(const float* w, const float* table, int64_t d, int64_t count
   }
 }
 
+// Indices k < count with w[k] != 0, written to idx; returns how many. A zero weight adds exactly
+// nothing to combine()'s sum (0 * t is +-0 for the finite tables it reads), so combining over
+// these alone gives the same bits; in vLLM's tables most columns are zero for most rows.
+inline int64_t nonzero(const float* w, int64_t count, int64_t* idx) {
+  int64_t m = 0;
+  for (int64_t k = 0; k < count; ++k)
+    if (w[k] != 0.f) idx[m++] = k;
+  return m;
+}
+
+// combine() over the listed indices only.
+template <int NV>
+inline void combine_at(const float* w, const int64_t* idx, int64_t m, const float* table, int64_t d,
+                       int64_t i, int64_t n, VecF* out) {
+  for (int j = 0; j < NV; ++j) out[j] = VecF(0.f);
+  for (int64_t q = 0; q < m; ++q) {
+    const int64_t k = idx[q];
+    VecF t[NV];
+    load_f32<NV>(table + k * d + i, n, t);
+    const VecF wk(w[k]);
+    for (int j = 0; j < NV; ++j) out[j] = at::vec::fmadd(wk, t[j], out[j]);
+  }
+}
+
+// max |x_i| of a float row; NaN when the row holds a NaN (inf when it holds an inf).
+inline float max_abs(const float* x, int64_t d) {
+  VecF m(0.f);
+  int64_t i = 0;
+  for (; i + kF <= d; i += kF) m = at::vec::maximum(m, VecF::loadu(x + i).abs());
+  float out = 0.f;
+  float tail[kF];
+  m.store(tail);
+  for (int64_t j = 0; j < kF; ++j) out = std::isnan(tail[j]) || std::isnan(out) ? NAN : std::max(out, tail[j]);
+  for (; i < d; ++i) out = std::isnan(x[i]) || std::isnan(out) ? NAN : std::max(out, std::fabs(x[i]));
+  return out;
+}
+
 // torch.maximum(torch.minimum(p, hi), lo), NaN-propagating like the torch ops.
 inline float clamp_like_torch(float p, float lo, float hi) {
   if (std::isnan(p) || std::isnan(lo) || std::isnan(hi)) return std::numeric_limits<float>::quiet_NaN();
@@ -133,9 +170,14 @@ struct Scratch {
   std::vector<float> row;
   std::vector<float> excess;
   std::vector<float> gated;
+  std::vector<int64_t> active;
   float* gated_of(int64_t k) {
     if (static_cast<int64_t>(gated.size()) < k) gated.resize(k);
     return gated.data();
+  }
+  int64_t* active_of(int64_t k) {
+    if (static_cast<int64_t>(active.size()) < k) active.resize(k);
+    return active.data();
   }
   float* row_of(int64_t d) {
     if (static_cast<int64_t>(row.size()) < d) row.resize(d);
@@ -186,6 +228,10 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
   float* row = keep_row ? sc.row_of(d) : nullptr;
   float* excess = clamping ? sc.excess_of(a.c) : nullptr;
   float* gated = gating ? sc.gated_of(a.s) : nullptr;
+  int64_t* active_cols = a.s ? sc.active_of(a.s) : nullptr;
+  // A clamp with bounds (-inf, inf) changes a row only through NaN: its excess p - p is 0 for a
+  // finite projection. On rows bounded well inside float range (so p is finite too) it is skipped.
+  constexpr float kSafeAbs = 1e15f;
 
   for (int64_t r = r0; r < r1; ++r) {
     const T* hid = static_cast<const T*>(a.hidden) + r * d;
@@ -213,10 +259,12 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
         store_f32<NV>(row + i, n, f);
       });
       const float* thr = a.gate_thr + r * a.gate_stride;
+      // a zero alpha adds nothing whether its gate opens or not: no dot product for it
       for (int64_t k = 0; k < a.s; ++k)
-        gated[k] = dot(row, a.gate + k * d, d) > thr[k] ? coef[k] : 0.f;
+        gated[k] = coef[k] != 0.f && dot(row, a.gate + k * d, d) > thr[k] ? coef[k] : 0.f;
       coef = gated;
     }
+    const int64_t n_active = coef ? nonzero(coef, a.s, active_cols) : 0;
 
     auto emit = [&](int64_t i, int64_t n, VecF* f) {
       if (keep_row && !clamping) store_f32<NV>(row + i, n, f);
@@ -233,8 +281,10 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
         load_sum(i, n, f);
       }
       if (coef) {
+        // a row whose alphas are all zero still adds the zero update (h + 0 turns -0 into +0,
+        // exactly as the reference's h + coef @ steer does)
         VecF u[NV];
-        combine<NV>(coef, a.steer, d, a.s, i, n, u);
+        combine_at<NV>(coef, active_cols, n_active, a.steer, d, i, n, u);
         for (int j = 0; j < NV; ++j) f[j] = f[j] + u[j];
       }
       if (clamping) store_f32<NV>(row + i, n, f);
@@ -247,7 +297,12 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
       const float* lo = a.lo + r * a.lo_stride;
       const float* hi = a.hi + r * a.hi_stride;
       bool active = false;
+      int safe = -1;   // row bounded well inside float range: -1 not yet known, then 0 / 1
       for (int64_t k = 0; k < a.c; ++k) {
+        if (lo[k] == -INFINITY && hi[k] == INFINITY) {
+          if (safe < 0) safe = max_abs(row, d) <= kSafeAbs;   // false for NaN
+          if (safe) { excess[k] = 0.f; continue; }
+        }
         const float p = dot(row, a.clamp + k * d, d);
         excess[k] = p - clamp_like_torch(p, lo[k], hi[k]);
         active |= excess[k] != 0.f;
