@@ -5,7 +5,8 @@ Layer index convention: ``layer l`` is the output of decoder block ``l``, 0-base
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from . import ops as ops_dispatch
 from . import patching
 from .readings import Readings
-from .state import POSITION_MODES, PersonaState, SteerSlot
+from .state import KINDS, POSITION_MODES, Capture, PersonaState, SteerSlot
 from .vectors import PersonaVector, VectorSet, as_layer_tensor, check_fingerprint
 
 VectorLike = Union[PersonaVector, Tensor]
@@ -238,6 +239,26 @@ class PersonaHandle:
         """``new_sequence(lengths)``: per-row prompt ends for the next forward."""
         return self.new_sequence(lengths)
 
+    # ------------------------------------------------------------------ capture
+    @contextmanager
+    def capture(self, kinds: Sequence[str] = KINDS, layers: Layers = "all", *, eos: Optional[Iterable[int]] = None,
+                limit: Optional[int] = None, skip_rest: bool = False) -> Iterator[Capture]:
+        """Per-row means of block outputs over the response, the prompt and/or the last prompt
+        token (``kinds``), gathered inside the engine by the forwards and ``generate()`` calls run
+        in the ``with`` block; after each, ``cap.means()`` is ``[B, len(layers), len(kinds), D]``
+        for the latest sequence. ``eos``/``limit``: a generated answer ends before its first
+        ``eos`` token and after ``limit`` tokens. ``skip_rest``: blocks after the deepest captured
+        one are skipped (the logits are then meaningless). See :mod:`personakern.state.capture`."""
+        self._check_idle("capture")
+        if self._state.capture is not None:
+            raise RuntimeError("a capture is already running on this model; one at a time")
+        cap = Capture(self.num_layers, self.device, kinds, self._resolve_layers(layers, None), eos, limit, skip_rest)
+        self._state.capture = cap
+        try:
+            yield cap
+        finally:
+            self._state.capture = None
+
     # ------------------------------------------------------------------ helpers
     def _check_active(self) -> None:
         if not self._active:
@@ -308,6 +329,18 @@ def _named_vectors(vectors) -> dict:
             raise TypeError("a list given to monitor() must hold PersonaVector objects; use a dict for tensors")
         out[v.trait] = v
     return out
+
+
+@contextmanager
+def engine(model: nn.Module) -> Iterator[PersonaHandle]:
+    """The handle of ``model``: its own if it is patched (its steering then applies), else a
+    fresh patch, removed on exit. How workflows reach the engine's capture."""
+    handle = getattr(patching.find_decoder(model), patching.ATTR, None)
+    if handle is not None:
+        yield handle
+        return
+    with patch(model) as handle:
+        yield handle
 
 
 def patch(model: nn.Module, backend: Optional[str] = None) -> PersonaHandle:

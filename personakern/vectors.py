@@ -43,7 +43,7 @@ META_PREFIX = "meta."
 
 _TRAIT_RE = re.compile(r"[A-Za-z0-9_.-]+")
 # A different value of these means the vectors cannot apply to the model.
-_HARD_FIELDS = ("model_type", "hidden_size", "num_hidden_layers")
+HARD_FIELDS = ("model_type", "hidden_size", "num_hidden_layers")
 # These may legitimately differ (e.g. a fine-tune reusing its base model's vectors).
 _SOFT_FIELDS = ("name_or_path", "vocab_size", "intermediate_size", "num_attention_heads")
 
@@ -93,7 +93,7 @@ def check_fingerprint(fp_file: dict, model, what: str) -> None:
                 out.append(f"{key}: file has {a!r}, model has {b!r}")
         return out
 
-    hard = diffs(_HARD_FIELDS)
+    hard = diffs(HARD_FIELDS)
     if hard:
         raise VectorFileError(f"{what}: vectors were made for a different model ({'; '.join(hard)})")
     soft = diffs(_SOFT_FIELDS)

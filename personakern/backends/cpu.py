@@ -75,8 +75,8 @@ def _build_dir(cap: str, flags: list[str]) -> Path:
         key.update(part.encode() + b"\0")
     for src in _sources():
         key.update(src.name.encode() + b"\0" + src.read_bytes())
-    root = Path(os.environ.get("PERSONAKERN_CACHE") or Path.home() / ".cache" / "personakern")
-    return root / "build" / f"cpu-{key.hexdigest()[:16]}"
+    from ..paths import cache_dir
+    return cache_dir() / "build" / f"cpu-{key.hexdigest()[:16]}"
 
 
 def _import_file(path: Path):

@@ -75,7 +75,7 @@ def _file_lock(path: Path):
 def _build():
     from torch.utils import cpp_extension
 
-    from ..models import cache_dir
+    from ..paths import cache_dir
 
     src = _source_dir()
     missing = [name for name in _SOURCES if not (src / name).is_file()]

@@ -8,7 +8,7 @@ from pathlib import Path
 def _load_on_device(name):
     import personakern
     from personakern import distributed as dist
-    from .main import step
+    from .common import step
     with step(f"loading model {name}"):
         model, tok = personakern.load_model(name)
     return model.to(dist.local_device()), tok

@@ -5,24 +5,10 @@ import argparse
 import json
 import os
 import sys
-import time
-from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
 
-
-@contextmanager
-def step(label: str):
-    t0 = time.perf_counter()
-    print(f"• {label} ...", end="", flush=True, file=sys.stderr)
-    yield
-    print(f" {time.perf_counter() - t0:.2f} s", file=sys.stderr, flush=True)
-
-
-def _load(args):
-    import personakern
-    with step(f"loading model {args.model}"):
-        return personakern.load_model(args.model)
+from .common import load_model_of as _load, step  # noqa: E402  (after the offline switch)
 
 
 def _vector(args, model, tok):
@@ -321,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and supported model types")
     i.set_defaults(func=cmd_info)
 
-    from .pipeline_cmds import register
-    register(sub)
-    __import__("personakern.cli.data_cmds", fromlist=["register"]).register(sub)
+    from . import data_cmds, pipeline_cmds
+    pipeline_cmds.register(sub)
+    data_cmds.register(sub)
     return p
 
 

@@ -53,7 +53,7 @@ def cmd_traits(args):
             chat = http_chat(args.endpoint, args.endpoint_model, args.api_key)
             who = f"{args.endpoint} ({args.endpoint_model})"
         else:
-            from .main import _load
+            from .common import load_model_of as _load
             model, tok = _load(args)
             chat = local_chat(model, tok)
             who = args.model
@@ -87,7 +87,7 @@ def cmd_extract(args):
     from personakern.extraction.report import render_text
     from personakern.extraction.spec import load_spec
     from personakern.judges import make_judge
-    from .main import _load
+    from .common import load_model_of as _load
 
     spec = load_spec(args.trait)  # fail on a bad spec before loading anything
     if args.questions:
@@ -147,7 +147,7 @@ def cmd_vectors(args):
     from personakern.vectors import VectorSet, load_vectors
     model = None
     if not args.no_model:
-        from .main import _load
+        from .common import load_model_of as _load
         model, _ = _load(args)
     if args.action == "import":
         kw = {"num_layers": args.num_layers} if args.num_layers and model is None else {}

@@ -8,22 +8,22 @@ Three averages per decoder block (row ``l`` = output of block ``l``):
 - ``prompt``: mean over the prompt's tokens,
 - ``last_prompt``: the last prompt token (what predicts the coming answer, used for monitoring).
 
-Padding never enters a mean: samples are sorted by length, left-padded per batch, and each
-block's output is reduced in the forward pass by one batched matmul with per-row weights
-(``[B, 3, T] @ [B, T, D]``), so the ``[B, T, D]`` activations of all layers are never kept.
+Padding never enters a mean: samples are sorted by length, left-padded per batch, and the
+engine's capture (:mod:`personakern.state.capture`) sums each block's output over per-row token
+masks inside the forward, so the ``[B, T, D]`` activations of all layers are never kept.
 """
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
-from ..patching import find_decoder
+from ..handle import engine
+from ..state import KINDS
 from .generate import chat_ids, left_pad
 
-KINDS = ("response", "prompt", "last_prompt")
 Sample = Tuple[str, str, str]  # (system or "", question, answer)
 
 
@@ -38,7 +38,6 @@ def _tokenize(tok, samples: Sequence[Sample]) -> List[Tuple[List[int], int]]:
     return out
 
 
-@torch.no_grad()
 def token_batches(order: Sequence[int], width, batch_size: int, max_tokens_per_batch: int) -> List[List[int]]:
     """Cut ``order`` (indices, shortest first) into batches of at most ``batch_size`` rows whose
     padded size (rows x the widest row, ``width(i)``) stays within ``max_tokens_per_batch``."""
@@ -53,56 +52,48 @@ def token_batches(order: Sequence[int], width, batch_size: int, max_tokens_per_b
     return batches
 
 
+@torch.no_grad()
+def capture_sequences(model, seqs: Sequence[Tuple[List[int], int]], kinds: Sequence[str] = KINDS,
+                      layers: Optional[Sequence[int]] = None, batch_size: int = 16,
+                      max_tokens_per_batch: int = 8192, pad_id: int = 0, skip_rest: bool = False,
+                      progress: bool = False, desc: str = "collecting activations") -> torch.Tensor:
+    """Teacher-forced ``(ids, prompt_len)`` sequences through the engine's capture:
+    ``[N, len(layers), len(kinds), D]`` float32 means on the CPU, in the order of ``seqs``
+    (``layers`` default: every block). Sequences are sorted by length and batched by
+    :func:`token_batches`; the model's steering, if it is patched, applies. ``skip_rest``: no
+    block after the deepest captured one runs."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    batches = token_batches(order, lambda i: len(seqs[i][0]), batch_size, max_tokens_per_batch)
+    out = None
+    with engine(model) as handle, handle.capture(kinds, "all" if layers is None else layers,
+                                                 skip_rest=skip_rest) as cap:
+        bar = tqdm(total=len(seqs), desc=desc, unit="answer", disable=not progress)
+        for idx in batches:
+            ids, mask = left_pad([seqs[i][0] for i in idx], pad_id, device)
+            T = ids.shape[1]
+            handle.new_sequence(torch.tensor([T - len(seqs[i][0]) + seqs[i][1] for i in idx]))
+            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                  use_cache=False, logits_to_keep=1)
+            means = cap.means().cpu()
+            if out is None:
+                out = means.new_empty((len(seqs),) + tuple(means.shape[1:]))
+            out[idx] = means
+            bar.update(len(idx))
+        bar.close()
+    return out
+
+
 def collect_means(model, tok, samples: Sequence[Sample], batch_size: int = 16, progress: bool = False,
                   max_tokens_per_batch: int = 8192) -> Dict[str, torch.Tensor]:
     """``{kind: float32 [N, num_layers, hidden]}`` for the kinds in :data:`KINDS` (on the CPU).
 
     Batches hold up to ``batch_size`` samples and ``max_tokens_per_batch`` padded tokens.
     Works on patched models too (the averages then include the handle's steering)."""
-    layers = find_decoder(model).layers
-    L = len(layers)
-    D = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
-    device = next(model.parameters()).device
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    toks = _tokenize(tok, samples)
-    order = sorted(range(len(toks)), key=lambda i: len(toks[i][0]))
-    out = torch.empty(len(KINDS), len(toks), L, D)
-    batches = token_batches(order, lambda i: len(toks[i][0]), batch_size, max_tokens_per_batch)
-
-    sink = {}
-
-    def make_hook(l):
-        def hook(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            sink[l] = torch.bmm(sink["w"], h.float())                 # [B, 3, D]
-        return hook
-
-    handles = [layer.register_forward_hook(make_hook(l)) for l, layer in enumerate(layers)]
-    try:
-        bar = tqdm(total=len(toks), desc="collecting activations", unit="answer", disable=not progress)
-        for idx in batches:
-            seqs = [toks[i][0] for i in idx]
-            ids, mask = left_pad(seqs, pad_id, device)
-            T = ids.shape[1]
-            w = torch.zeros(len(idx), len(KINDS), T, device=device)
-            for b, i in enumerate(idx):
-                n, plen = len(toks[i][0]), toks[i][1]
-                start = T - n
-                w[b, 0, start + plen:] = 1.0 / (n - plen)
-                w[b, 1, start:start + plen] = 1.0 / plen
-                w[b, 2, start + plen - 1] = 1.0
-            sink["w"] = w
-            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
-                  use_cache=False)
-            res = torch.stack([sink[l] for l in range(L)], dim=2).cpu()   # [B, 3, L, D]
-            out[:, idx] = res.transpose(0, 1)
-            bar.update(len(idx))
-        bar.close()
-    finally:
-        for h in handles:
-            h.remove()
-        sink.clear()
-    return {k: out[j] for j, k in enumerate(KINDS)}
+    means = capture_sequences(model, _tokenize(tok, samples), KINDS, None, batch_size, max_tokens_per_batch,
+                              pad_id, progress=progress)
+    return {k: means[:, :, j].contiguous() for j, k in enumerate(KINDS)}
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..handle import engine
 from ..utils import JsonlLog
 
 
@@ -71,18 +72,26 @@ def eos_ids(model, tok) -> set:
     return set(eos) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
 
 
-def _batch_seed(seed: int, b: int) -> int:
+def batch_seed(seed: int, b: int) -> int:
+    """The sampling seed of batch ``b`` of a run seeded ``seed`` (a rerun or another rank
+    draws the same answers for that batch)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{b}".encode()).digest()[:7], "little")
 
 
 @torch.no_grad()
 def generate_batch(model, tok, jobs: Sequence[dict], settings: GenSettings, seed: int,
                    capture: bool = False):
-    """Answers (decoded, special tokens skipped, stripped) for ``jobs`` in one ``generate``.
+    """Answers (decoded, special tokens skipped, stripped) for ``jobs`` in one ``generate``,
+    run on the patched engine (the model's own handle if it has one).
 
-    ``capture=True`` also returns ``[B, 3, L, D]`` activation means collected during generation
-    (:class:`~personakern.extraction.capture.GenerationCapture`; one extra decode step feeds
-    the last answer token)."""
+    ``capture=True`` also returns ``[B, 3, L, D]`` activation means (kinds in
+    :data:`~personakern.state.KINDS` order) gathered by the engine while it generates
+    (:mod:`personakern.state.capture`): the prefill adds the prompt, each decode step the token
+    it feeds, for rows still answering. The last answer token is fed only if one more step runs,
+    so a capture generates ``max_new_tokens + 1`` tokens and keeps the first ``max_new_tokens``
+    (sampling is sequential: the same tokens a ``max_new_tokens`` run samples). What is averaged
+    are the generated ids up to (not including) the first EOS, the answer's exact tokens; KV-cached
+    decoding matches a full forward to float rounding (tested)."""
     device = next(model.parameters()).device
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids, mask = left_pad([chat_ids(tok, j.get("system"), j["question"]) for j in jobs], pad_id, device)
@@ -93,20 +102,20 @@ def generate_batch(model, tok, jobs: Sequence[dict], settings: GenSettings, seed
         kw.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     else:
         kw.update(do_sample=False)
-    cap = None
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    means = None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), engine(model) as handle:
         torch.manual_seed(seed)
         if capture:
-            from .capture import GenerationCapture
-            with GenerationCapture(model, mask, eos, settings.max_new_tokens) as cap:
+            with handle.capture(eos=eos, limit=settings.max_new_tokens) as cap:
                 out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+                means = cap.means().transpose(1, 2).cpu()
         else:
             out = model.generate(input_ids=ids, attention_mask=mask, **kw)
     answers = []
     for row in out[:, ids.shape[1]:ids.shape[1] + settings.max_new_tokens].tolist():
         cut = next((k for k, t in enumerate(row) if t in eos), len(row))
         answers.append(tok.decode(row[:cut], skip_special_tokens=True).strip())
-    return (answers, cap.means()) if capture else answers
+    return (answers, means) if capture else answers
 
 
 class ActStore:
@@ -224,7 +233,7 @@ def generate_cached(model, tok, jobs: Sequence[dict], cache: JsonlLog, settings:
     if todo:
         bar = tqdm(total=sum(len(bt) for _, bt in todo), desc=desc, unit="answer", disable=not progress)
         for b, batch in todo:
-            res = generate_batch(model, tok, batch, settings, _batch_seed(settings.seed, b), capture=acts is not None)
+            res = generate_batch(model, tok, batch, settings, batch_seed(settings.seed, b), capture=acts is not None)
             answers = res[0] if acts is not None else res
             if acts is not None:
                 acts.write(b, {j["id"]: m for j, m in zip(batch, res[1])})

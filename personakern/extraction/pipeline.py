@@ -12,8 +12,8 @@ Stages (each cached in ``out_dir``, so an interrupted run resumes where it stopp
    trait < ``neg_threshold``, and only answers with coherence >= ``coherence_threshold``
    (answers the judge could not score are dropped and counted).
 4. **vectors**: response / prompt / last-prompt-token means of every block's output for the
-   kept answers — captured while the answers were generated (no second forward pass, see
-   :mod:`personakern.extraction.capture`); vector = mean(positive) - mean(negative), per layer.
+   kept answers — captured by the engine while the answers were generated (no second forward
+   pass, see :mod:`personakern.state.capture`); vector = mean(positive) - mean(negative), per layer.
 5. **layers**: per layer, the AUROC of the held-out answers' projections (response means on the
    unit response vector; positive vs negative: judge-filtered like the training answers when at
    least :data:`HELDOUT_MIN` per side pass, else labelled by instruction side); a steering sweep over layers and alphas on the
@@ -46,7 +46,7 @@ import torch
 from .. import distributed
 from ..utils import atomic_write_json
 from ..vectors import PersonaVector, VectorSet, model_fingerprint
-from .collect import KINDS
+from ..state import KINDS
 from .generate import ActStore, GenSettings, RankedLog, generate_cached, settings_hash
 from .spec import TraitSpec, load_spec
 

@@ -17,8 +17,8 @@ from typing import Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..patching import find_decoder
 from ..vectors import PersonaVector, VectorFileError, VectorSet, model_fingerprint
+from .collect import capture_sequences
 from .generate import eos_ids, left_pad
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -92,47 +92,19 @@ def generate_contrastive(model, tok, trait_spec: Union[str, dict] = DEFAULT_TRAI
     return sides[0], sides[1]
 
 
-@torch.no_grad()
 def response_mean_activations(model, tok, samples: Sequence[Sample], batch_size: int = 16) -> torch.Tensor:
     """``[num_samples, num_layers, hidden]`` float32: each decoder block's output averaged over
     the response tokens of chat-template(system, question) + answer (teacher-forced; prompt and
-    padding excluded). Block outputs are read by forward hooks, so they are exact for every layer
-    (and include any steering a personakern handle applies)."""
-    layers = find_decoder(model).layers
-    device = next(model.parameters()).device
+    padding excluded), by the engine's capture (exact for every layer, and including any
+    steering the model's personakern handle applies)."""
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    rows = []
-    for start in range(0, len(samples), batch_size):
-        seqs, plens = [], []
-        for s, q, a in samples[start:start + batch_size]:
-            p, r = _prompt_ids(tok, s, q), _answer_ids(tok, a)
-            if not r:
-                raise ValueError(f"empty answer for question {q!r}: no response tokens to average")
-            seqs.append(p + r)
-            plens.append(len(p))
-        ids, mask = left_pad(seqs, pad_id, device)
-        width = ids.shape[1]
-        cols = torch.arange(width, device=device)
-        first = torch.tensor([width - len(x) + n for x, n in zip(seqs, plens)], device=device)
-        resp = (cols[None, :] >= first[:, None])[..., None]                     # [B, T, 1]
-        count = resp.sum(1).float()                                             # [B, 1]
-        means = [None] * len(layers)
-
-        def make_hook(i):
-            def hook(module, args, output):
-                h = output[0] if isinstance(output, tuple) else output
-                means[i] = torch.where(resp, h.float(), 0.0).sum(1) / count
-            return hook
-
-        handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
-        try:
-            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
-                  use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        rows.append(torch.stack(means, dim=1).cpu())
-    return torch.cat(rows)
+    seqs = []
+    for s, q, a in samples:
+        p, r = _prompt_ids(tok, s, q), _answer_ids(tok, a)
+        if not r:
+            raise ValueError(f"empty answer for question {q!r}: no response tokens to average")
+        seqs.append((p + r, len(p)))
+    return capture_sequences(model, seqs, ("response",), batch_size=batch_size, pad_id=pad_id)[:, :, 0].contiguous()
 
 
 def _auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
@@ -240,7 +212,7 @@ def default_vector(model, tok, trait: str = DEFAULT_TRAIT, progress: bool = True
     """The shipped vector for ``trait`` if it was made for this model, else one computed with
     :func:`mean_difference_vector` (``kwargs`` go there) and cached under
     ``$PERSONAKERN_CACHE/vectors/`` (default ``~/.cache/personakern``)."""
-    from ..models import cache_dir
+    from ..paths import cache_dir
 
     pv = _try_load(DATA / "vectors" / f"smollm2-{trait}.safetensors", model)
     if pv is not None:

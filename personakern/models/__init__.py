@@ -17,13 +17,11 @@ from typing import Optional
 
 import torch
 
+from ..paths import cache_dir  # noqa: F401  (public here too: benchmarks and users import it from models)
+
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PERSONAKERN_CACHE", Path.home() / ".cache" / "personakern"))
 
 
 def smollm2_gguf_path() -> Path:

@@ -68,8 +68,8 @@ def apply(model: nn.Module, state, handle) -> list:
     state.layer_modules = layers
     state.next_norms = [norm_spec(layers[i + 1].input_layernorm) if i + 1 < len(layers) else None
                         for i in range(len(layers))]
-    for layer, body in zip(layers, bodies):
-        install_layer_forward(layer, body, _returns_tuple(family))
+    for i, (layer, body) in enumerate(zip(layers, bodies)):
+        install_layer_forward(layer, body, _returns_tuple(family), state, i)
     install_decoder_forward(decoder, state)
     if callable(getattr(model, "generate", None)):
         install_generate(model, state)

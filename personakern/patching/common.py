@@ -107,7 +107,8 @@ def install_decoder_forward(decoder: nn.Module, state) -> None:
         if not compiling:  # dynamo cannot trace a lock; compiled callers are on their own
             state.guard.enter("a forward was called")
         try:
-            state.begin_forward(ref.shape[0], ref.shape[1], kwargs.get("attention_mask"), cache)
+            state.begin_forward(ref.shape[0], ref.shape[1], kwargs.get("attention_mask"), cache,
+                                kwargs.get("input_ids"))
             output = original(**kwargs)
             state.seq.end(_cache_of(kwargs, output))
             return output
@@ -143,12 +144,14 @@ def install_generate(model: nn.Module, state) -> None:
     model.generate = generate
 
 
-def install_layer_forward(layer: nn.Module, body: Callable, returns_tuple: bool) -> None:
+def install_layer_forward(layer: nn.Module, body: Callable, returns_tuple: bool, state, index: int) -> None:
     names = positional_names(layer.forward)[1:]  # first one is hidden_states
 
     checkpoint_here = not _CHECKPOINT_IN_CALL and hasattr(layer, "gradient_checkpointing")
 
     def forward(hidden_states, *args, **kwargs):
+        if state.skips(index):  # a capture that reads no logits needs no block after its deepest
+            return (hidden_states,) if returns_tuple else hidden_states
         if args:
             kwargs.update(zip(names, args))
         if checkpoint_here and layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():

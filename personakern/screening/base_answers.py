@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..extraction.generate import GenSettings, _batch_seed, eos_ids, left_pad
+from ..extraction.generate import GenSettings, batch_seed, eos_ids, left_pad
 from ..utils import JsonlLog
 
 
@@ -50,7 +50,7 @@ def base_answers(model, tok, keys: Sequence[int], prompts: Sequence[List[int]], 
         if all(k in done for k in kb):
             continue
         answers = generate_ids(model, tok, prompts[j:j + bs], settings,
-                               _batch_seed(settings.seed, first_batch + j // bs))
+                               batch_seed(settings.seed, first_batch + j // bs))
         new = [{"k": k, "answer": a} for k, a in zip(kb, answers) if k not in done]
         cache.append(new)
         done.update((r["k"], r["answer"]) for r in new)

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import distributed as dist
-from ..extraction.generate import left_pad
+from ..extraction.collect import capture_sequences
 from ..patching import find_decoder
-from ..vectors import _HARD_FIELDS, VectorSet, model_fingerprint
+from ..vectors import HARD_FIELDS, VectorSet, model_fingerprint
 from .project import chat_prompt_ids
 
 
@@ -28,42 +27,20 @@ class ShiftError(ValueError):
     pass
 
 
-@torch.no_grad()
 def last_prompt_sum(model, tok, prompts: Sequence[List[dict]], batch_size: int = 16,
                     progress: bool = False) -> torch.Tensor:
-    """Sum over ``prompts`` of every block's output at the last prompt token, ``[L, D]`` float64."""
-    layers = find_decoder(model).layers
-    device = next(model.parameters()).device
+    """Sum over ``prompts`` of every block's output at the last prompt token, ``[L, D]`` float64,
+    gathered by the engine's capture."""
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    seqs = [chat_prompt_ids(tok, p) for p in prompts]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    D = model.get_input_embeddings().weight.shape[1]
-    total = torch.zeros(len(layers), D, dtype=torch.float64)
-    sink = {}
-
-    def make_hook(l):
-        def hook(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            sink[l] = h[:, -1].double().sum(0).cpu()      # left padding: the last column is the prompt's end
-        return hook
-
-    handles = [layer.register_forward_hook(make_hook(l)) for l, layer in enumerate(layers)]
-    try:
-        for j in tqdm(range(0, len(order), batch_size), desc="last-prompt activations", disable=not progress):
-            idx = order[j:j + batch_size]
-            ids, mask = left_pad([seqs[i] for i in idx], pad_id, device)
-            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=False)
-            for l in range(len(layers)):
-                total[l] += sink[l]
-    finally:
-        for h in handles:
-            h.remove()
-    return total
+    seqs = [(ids, len(ids)) for ids in (chat_prompt_ids(tok, p) for p in prompts)]
+    last = capture_sequences(model, seqs, ("last_prompt",), batch_size=batch_size, max_tokens_per_batch=1 << 62,
+                             pad_id=pad_id, progress=progress, desc="last-prompt activations")
+    return last[:, :, 0].double().sum(0)
 
 
 def check_same_architecture(a, b, name_a: str = "base", name_b: str = "finetuned") -> None:
     fa, fb = model_fingerprint(a), model_fingerprint(b)
-    bad = [f"{k}: {name_a} has {fa.get(k)!r}, {name_b} has {fb.get(k)!r}" for k in _HARD_FIELDS if fa.get(k) != fb.get(k)]
+    bad = [f"{k}: {name_a} has {fa.get(k)!r}, {name_b} has {fb.get(k)!r}" for k in HARD_FIELDS if fa.get(k) != fb.get(k)]
     if bad:
         raise ShiftError(f"{name_a} and {name_b} are not the same architecture ({'; '.join(bad)}); a fine-tuning "
                          f"shift compares a model with a fine-tune of it")
