@@ -28,12 +28,12 @@ class Readings:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.values.shape)
 
-    def _layer_index(self, layer: int) -> int:
+    def layer_index(self, layer: int) -> int:
         if layer not in self.layers:
             raise KeyError(f"layer {layer} was not monitored; monitored layers: {self.layers}")
         return self.layers.index(layer)
 
-    def _trait_index(self, trait: str) -> int:
+    def trait_index(self, trait: str) -> int:
         if trait not in self.traits:
             raise KeyError(f"trait {trait!r} was not monitored; monitored: {self.traits}")
         return self.traits.index(trait)
@@ -42,12 +42,12 @@ class Readings:
         """Slice by trait and/or layer: ``get(trait, layer)`` is ``[B, T]``."""
         v = self.values
         if layer is not None:
-            v = v[:, :, self._layer_index(layer)]
+            v = v[:, :, self.layer_index(layer)]
             if trait is not None:
-                return v[..., self._trait_index(trait)]
+                return v[..., self.trait_index(trait)]
             return v
         if trait is not None:
-            return v[..., self._trait_index(trait)]
+            return v[..., self.trait_index(trait)]
         return v
 
     def last_prompt_token(self) -> Tensor:

@@ -93,11 +93,11 @@ def page_data(readings, tokens=None, *, tokenizer=None, ids=None, row=None, trai
     layers = list(layers) if layers is not None else list(readings.layers)
     if not traits or not layers:
         raise ValueError("the page needs at least one trait and one layer")
-    m_idx = [readings._trait_index(t) for t in traits]  # KeyError naming what was monitored
-    l_idx = [readings._layer_index(l) for l in layers]
+    m_idx = [readings.trait_index(t) for t in traits]  # KeyError naming what was monitored
+    l_idx = [readings.layer_index(l) for l in layers]
     trait = traits[0] if trait is None else trait
     layer = layers[len(layers) // 2] if layer is None else layer
-    readings._trait_index(trait), readings._layer_index(layer)  # 'not monitored' comes first
+    readings.trait_index(trait), readings.layer_index(layer)  # 'not monitored' comes first
     if trait not in traits:
         raise KeyError(f"trait {trait!r} is not among the page's traits {traits}")
     if layer not in layers:
