@@ -31,13 +31,16 @@ def e2e_table(results: dict) -> str:
 
 
 def ops_table(results: dict) -> str:
-    lines = [f"\nops ({results['dtype']}, {results['device']}), copy bandwidth "
-             f"{results['copy_bandwidth_GBps']:.1f} GB/s; speedup = unfused PyTorch / fused"]
-    lines.append(f"  {'op':28s} {'backend':8s} {'rows':>6s} {'D':>5s} {'fused':>10s} {'unfused':>10s} "
-                 f"{'speedup':>8s} {'of BW':>6s}")
+    bw = ", ".join(f"{v:.1f} GB/s on {k} thread{'s' if k != '1' else ''}"
+                   for k, v in results["copy_bandwidth_GBps"].items())
+    lines = [f"\nops ({results['device']}), copy bandwidth {bw}; speedup = unfused PyTorch / fused; "
+             f"of BW = bytes the op must move / time / copy bandwidth on as many threads"]
+    lines.append(f"  {'op':28s} {'backend':8s} {'dtype':9s} {'thr':>3s} {'rows':>6s} {'D':>5s} {'fused':>10s} "
+                 f"{'unfused':>10s} {'speedup':>8s} {'of BW':>6s}")
     for r in results["rows"]:
-        lines.append(f"  {r['op']:28s} {r['backend']:8s} {r['rows']:6d} {r['dim']:5d} {r['fused_us']:8.1f}us "
-                     f"{r['unfused_us']:8.1f}us {r['speedup']:8.2f} {r['bandwidth_fraction']:6.1%}")
+        lines.append(f"  {r['op']:28s} {r['backend']:8s} {r['dtype'].replace('torch.', ''):9s} {r['threads']:3d} "
+                     f"{r['rows']:6d} {r['dim']:5d} {r['fused_us']:8.1f}us {r['unfused_us']:8.1f}us "
+                     f"{r['speedup']:8.2f} {r['bandwidth_fraction']:6.1%}")
     return "\n".join(lines)
 
 

@@ -210,7 +210,10 @@ def cmd_bench(args):
     if not args.skip_ops:
         from personakern.benchmark.ops import run_ops
         with step("op microbenchmarks"):
-            results["ops"] = run_ops(backends, log=lambda m: print(m, file=sys.stderr))
+            import torch
+            sizes = {k: v for k, v in (("rows", args.rows), ("dims", args.dims)) if v}
+            results["ops"] = run_ops(backends, dtypes=[getattr(torch, d) for d in args.dtypes], threads=args.threads,
+                                     log=lambda m: print(m, file=sys.stderr), **sizes)
         print(report.ops_table(results["ops"]))
     if not args.skip_e2e:
         from personakern.benchmark.e2e import run_e2e
@@ -299,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-new-tokens", type=int, default=64)
     b.add_argument("--peers", action="store_true", help="also time repeng, steering-vectors and nnsight")
     b.add_argument("--skip-ops", action="store_true")
+    b.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
+                   help="op benchmarks: model dtypes (default float32)")
+    b.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="op benchmarks: thread counts, each against the copy bandwidth on as many (default: torch's)")
+    b.add_argument("--rows", type=int, nargs="+", default=None, help="op benchmarks: rows (default 1 16 64 2048 8192)")
+    b.add_argument("--dims", type=int, nargs="+", default=None, help="op benchmarks: hidden sizes (default 576 2048 4096)")
     b.add_argument("--skip-e2e", action="store_true")
     b.add_argument("--out", default="bench-results")
     b.set_defaults(func=cmd_bench)

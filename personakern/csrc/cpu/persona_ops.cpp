@@ -5,9 +5,9 @@
 // Anything outside the fast path (autograd needed, other devices or dtypes, broadcasting the
 // kernels don't do, malformed arguments) is handed unchanged to the native implementation, so
 // the semantics, including error messages, are the reference's by construction.
+#include "buffers.h"
 #include "kernels.h"
 
-#include <ATen/EmptyTensor.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -115,12 +115,9 @@ inline bool model_dtype(c10::ScalarType s) {
   return s == c10::kFloat || s == c10::kBFloat16 || s == c10::kHalf;
 }
 
-// What at::empty_like gives for the contiguous CPU tensors that reach here, without the trip
-// through the dispatcher (measured ~0.2 us per tensor at decode sizes).
-inline Tensor new_like(const Tensor& t) {
-  return at::detail::empty_cpu(t.sizes(), t.scalar_type(), std::nullopt, std::nullopt, std::nullopt,
-                               std::nullopt);
-}
+// A fresh output (pooled when large, see buffers.h): what at::empty_like gives for the
+// contiguous CPU tensors that reach here, without the trip through the dispatcher.
+inline Tensor new_like(const Tensor& t) { return personakern::cpu::new_output(t.sizes(), t.scalar_type()); }
 
 inline const float* f32(const Tensor& t) { return static_cast<const float*>(t.const_data_ptr()); }
 
@@ -212,8 +209,7 @@ void steer_args(Inputs& in, const Args& arg, PyObject* delta_arg, const Tensor& 
     a.readout = f32(*readout);
     auto sizes = hidden.sizes().vec();
     sizes.back() = a.m;
-    readings = at::detail::empty_cpu(sizes, c10::kFloat, std::nullopt, std::nullopt, std::nullopt,
-                                     std::nullopt);
+    readings = personakern::cpu::new_output(sizes, c10::kFloat);
     a.readings = readings.mutable_data_ptr<float>();
   }
 }
@@ -390,6 +386,8 @@ PyMethodDef g_methods[] = {
     {"_set_fallbacks", PK_FAST(set_fallbacks), METH_FASTCALL,
      "_set_fallbacks($module, rms_norm, steer_project, add_rms_norm, add_rms_norm_steer_project, "
      "contract=None)\n--\n\nNative ops for calls outside the fast path; the ops' parameters."},
+    {"_buffers", PK_FAST(personakern::cpu::buffers_py), METH_FASTCALL,
+     "_buffers($module, limit_bytes=None)\n--\n\n(limit, held, entries, reused, fresh) of the output pool."},
     {nullptr, nullptr, 0, nullptr},
 };
 

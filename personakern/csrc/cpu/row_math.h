@@ -1,0 +1,214 @@
+// Vector building blocks of the row kernels (kernels.cpp): model-dtype chunks as float vectors,
+// float32 table rows, dot products, the steering combination, and read-outs taken as a row
+// streams. Included by kernels.cpp only: it relies on that translation unit's build flags.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+namespace personakern::cpu {
+namespace {
+
+using at::vec::Vectorized;
+using VecF = Vectorized<float>;
+constexpr int64_t kF = VecF::size();
+
+// Io<T>: a chunk of W model-dtype elements as NV float vectors. `n < W` only for the row tail,
+// where loads zero-fill (so tails add nothing to dot products) and stores are masked.
+template <typename T>
+struct Io {
+  using V = Vectorized<T>;
+  static constexpr int64_t W = V::size();
+  static constexpr int NV = W / kF;
+  static_assert(NV == 2, "reduced float vectors hold two float vectors");
+
+  static inline void load(const T* p, int64_t n, VecF* f) {
+    V v = n == W ? V::loadu(p) : V::loadu(p, n);
+    std::tie(f[0], f[1]) = at::vec::convert_to_float<T>(v);
+  }
+  // Rounds f to T in place, so the caller continues with exactly what the model dtype holds.
+  static inline void round(VecF* f) {
+    V v = at::vec::convert_from_float<T>(f[0], f[1]);
+    std::tie(f[0], f[1]) = at::vec::convert_to_float<T>(v);
+  }
+  static inline void store(T* p, int64_t n, const VecF* f) {
+    V v = at::vec::convert_from_float<T>(f[0], f[1]);
+    if (n == W) v.store(p); else v.store(p, n);
+  }
+};
+
+template <>
+struct Io<float> {
+  static constexpr int64_t W = kF;
+  static constexpr int NV = 1;
+  static inline void load(const float* p, int64_t n, VecF* f) {
+    f[0] = n == W ? VecF::loadu(p) : VecF::loadu(p, n);
+  }
+  static inline void round(VecF*) {}
+  static inline void store(float* p, int64_t n, const VecF* f) {
+    if (n == W) f[0].store(p); else f[0].store(p, n);
+  }
+};
+
+// NV float vectors of a float32 table row starting at element i of a chunk of n elements.
+template <int NV>
+inline void load_f32(const float* p, int64_t n, VecF* f) {
+  for (int j = 0; j < NV; ++j) {
+    const int64_t rem = n - j * kF;
+    f[j] = rem >= kF ? VecF::loadu(p + j * kF) : rem > 0 ? VecF::loadu(p + j * kF, rem) : VecF(0.f);
+  }
+}
+
+inline float hsum(const VecF& v) {
+  return at::vec::vec_reduce_all<float>([](VecF& a, VecF& b) { return a + b; }, v);
+}
+
+// Walks a row in chunks; the full-chunk loop sees a constant chunk size after inlining.
+template <int64_t W, typename F>
+inline void for_chunks(int64_t d, const F& body) {
+  int64_t i = 0;
+  for (; i + W <= d; i += W) body(i, W);
+  if (i < d) body(i, d - i);
+}
+
+// <x, y> over d floats, run on the L1-resident scratch row. Four independent accumulators keep
+// it load-bound; accumulating the dots while streaming the row instead chains every chunk
+// through one accumulator per vector, which made the clamped op ~2x slower (N=2048, D=576).
+inline float dot(const float* x, const float* y, int64_t d) {
+  VecF s0(0.f), s1(0.f), s2(0.f), s3(0.f);
+  int64_t i = 0;
+  for (; i + 4 * kF <= d; i += 4 * kF) {
+    s0 = at::vec::fmadd(VecF::loadu(x + i), VecF::loadu(y + i), s0);
+    s1 = at::vec::fmadd(VecF::loadu(x + i + kF), VecF::loadu(y + i + kF), s1);
+    s2 = at::vec::fmadd(VecF::loadu(x + i + 2 * kF), VecF::loadu(y + i + 2 * kF), s2);
+    s3 = at::vec::fmadd(VecF::loadu(x + i + 3 * kF), VecF::loadu(y + i + 3 * kF), s3);
+  }
+  for (; i + kF <= d; i += kF) s0 = at::vec::fmadd(VecF::loadu(x + i), VecF::loadu(y + i), s0);
+  if (i < d) s0 = at::vec::fmadd(VecF::loadu(x + i, d - i), VecF::loadu(y + i, d - i), s0);
+  return hsum((s0 + s1) + (s2 + s3));
+}
+
+template <int NV>
+inline void store_f32(float* p, int64_t n, const VecF* f) {
+  for (int j = 0; j < NV; ++j) {
+    const int64_t rem = n - j * kF;
+    if (rem >= kF) f[j].store(p + j * kF); else if (rem > 0) f[j].store(p + j * kF, rem);
+  }
+}
+
+// out = sum_k w[k] * table[k, i:i+n], accumulated before it touches h (as the reference's
+// matmul `w @ table` is), so h sees a single rounding of the combined update.
+template <int NV>
+inline void combine(const float* w, const float* table, int64_t d, int64_t count, int64_t i,
+                    int64_t n, VecF* out) {
+  for (int j = 0; j < NV; ++j) out[j] = VecF(0.f);
+  for (int64_t k = 0; k < count; ++k) {
+    VecF t[NV];
+    load_f32<NV>(table + k * d + i, n, t);
+    const VecF wk(w[k]);
+    for (int j = 0; j < NV; ++j) out[j] = at::vec::fmadd(wk, t[j], out[j]);
+  }
+}
+
+// Indices k < count with w[k] != 0, written to idx; returns how many. A zero weight adds exactly
+// nothing to combine()'s sum (0 * t is +-0 for the finite tables it reads), so combining over
+// these alone gives the same bits; in vLLM's tables most columns are zero for most rows.
+inline int64_t nonzero(const float* w, int64_t count, int64_t* idx) {
+  int64_t m = 0;
+  for (int64_t k = 0; k < count; ++k)
+    if (w[k] != 0.f) idx[m++] = k;
+  return m;
+}
+
+// combine() over the listed indices only.
+template <int NV>
+inline void combine_at(const float* w, const int64_t* idx, int64_t m, const float* table, int64_t d,
+                       int64_t i, int64_t n, VecF* out) {
+  for (int j = 0; j < NV; ++j) out[j] = VecF(0.f);
+  for (int64_t q = 0; q < m; ++q) {
+    const int64_t k = idx[q];
+    VecF t[NV];
+    load_f32<NV>(table + k * d + i, n, t);
+    const VecF wk(w[k]);
+    for (int j = 0; j < NV; ++j) out[j] = at::vec::fmadd(wk, t[j], out[j]);
+  }
+}
+
+// max |x_i| of a float row; NaN when the row holds a NaN (inf when it holds an inf).
+inline float max_abs(const float* x, int64_t d) {
+  VecF m(0.f);
+  int64_t i = 0;
+  for (; i + kF <= d; i += kF) m = at::vec::maximum(m, VecF::loadu(x + i).abs());
+  float out = 0.f;
+  float tail[kF];
+  m.store(tail);
+  for (int64_t j = 0; j < kF; ++j) out = std::isnan(tail[j]) || std::isnan(out) ? NAN : std::max(out, tail[j]);
+  for (; i < d; ++i) out = std::isnan(x[i]) || std::isnan(out) ? NAN : std::max(out, std::fabs(x[i]));
+  return out;
+}
+
+// torch.maximum(torch.minimum(p, hi), lo), NaN-propagating like the torch ops.
+inline float clamp_like_torch(float p, float lo, float hi) {
+  if (std::isnan(p) || std::isnan(lo) || std::isnan(hi)) return std::numeric_limits<float>::quiet_NaN();
+  return std::max(std::min(p, hi), lo);
+}
+
+// Read-outs as rows stream through pass 1 (M > 0: unclamped rows, m <= M), R rows in lockstep:
+// each table chunk is loaded once for R rows, which is what keeps a [8, 4096] table (in L2,
+// not L1) from costing more than the rows' own memory traffic. Read-out k of a row is ONE
+// float-vector accumulator that takes the row's float vectors in order, the same whether the
+// row runs alone or beside others, streamed or parked (read_parked): a row's readings never
+// depend on the rest of the call. Slots past `count` repeat the last vector (their sums are
+// dropped), so M takes few values.
+template <int M, int NV, int R = 1>
+struct StreamReads {
+  VecF acc[M > 0 ? R * M : 1];
+  const float* vec[M > 0 ? M : 1];
+  StreamReads(const float* vecs, int64_t count, int64_t d) {
+    for (int k = 0; k < M; ++k) vec[k] = vecs + std::min<int64_t>(k, count - 1) * d;
+  }
+  inline void reset() {
+    for (int q = 0; q < R * M; ++q) acc[q] = VecF(0.f);
+  }
+  // f: R rows' chunks of NV float vectors each, row-major
+  inline void add(int64_t i, int64_t n, const VecF* f) {
+#pragma GCC unroll 8
+    for (int k = 0; k < M; ++k) {
+      VecF t[NV];
+      load_f32<NV>(vec[k] + i, n, t);
+#pragma GCC unroll 2
+      for (int j = 0; j < NV; ++j)
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) acc[r * M + k] = at::vec::fmadd(f[r * NV + j], t[j], acc[r * M + k]);
+    }
+  }
+  inline void write(int r, float* readings, int64_t count) const {
+    for (int64_t k = 0; k < count; ++k) readings[k] = hsum(acc[r * M + k]);
+  }
+};
+
+template <int64_t W, int NV>
+void read_parked(const float* row, const float* readout, int64_t m, int64_t d, float* readings) {
+  for (int64_t k0 = 0; k0 < m; k0 += 8) {
+    const int64_t count = std::min<int64_t>(8, m - k0);
+    StreamReads<8, NV> reads(readout + k0 * d, count, d);
+    reads.reset();
+    for_chunks<W>(d, [&](int64_t i, int64_t n) {
+      VecF f[NV];
+      load_f32<NV>(row + i, n, f);
+      reads.add(i, n, f);
+    });
+    reads.write(0, readings + k0, count);
+  }
+}
+
+}  // namespace
+}  // namespace personakern::cpu
