@@ -364,15 +364,30 @@ def test_unbounded_clamps_on_nonfinite_or_huge_rows_match_native(bad):
         torch.testing.assert_close(g[ok], r[ok], rtol=1e-5, atol=1e-3)
 
 
+@pytest.fixture(params=["cached", "streamed"])
+def call_size(request):
+    """Both ways the kernel runs a call: sized for the cache (read-outs over the row parked in
+    L1) or too large for it (rows in lockstep tiles with read-outs streamed, streaming stores
+    where aligned); the threshold is lowered to 0 for the second, so small data takes it."""
+    ext = cpu._ext if cpu.available() else None
+    before = ext._stream_threshold()
+    if request.param == "streamed":
+        ext._stream_threshold(0)
+    yield request.param
+    ext._stream_threshold(before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 11])
 @pytest.mark.parametrize("extra", ["plain", "gate", "clamp"])
-def test_a_rows_outputs_do_not_depend_on_the_rest_of_the_call(dtype, m, extra):
-    """Rows run in lockstep tiles (read-outs streamed, 2-4 rows at a time), alone (tile
-    remainders, decode) or from a parked float row (clamped calls, more than 8 read-outs): every
-    path gives a row the same bits, so a request's readings in vLLM do not depend on its
-    batch-mates. Checked row by row against the row run alone, 7 rows (tiles plus remainder)."""
-    n, d = 7, 1000
+@pytest.mark.parametrize("d", [1000, 1024])
+def test_a_rows_outputs_do_not_depend_on_the_rest_of_the_call(dtype, m, extra, d, call_size):
+    """Within a call every row takes the same arithmetic, whether it runs in a lockstep tile
+    (2-4 rows), alone (tile remainders) or from a parked row (clamped calls, more than 8
+    read-outs): a request's outputs and readings in vLLM do not depend on its batch-mates.
+    Checked row by row against the row run alone, 7 rows (tiles plus remainder), outputs
+    against native too."""
+    n = 7
     gen = torch.Generator().manual_seed(m)
     t = make(n, d, dtype, s=2, c=1, m=m, seed=m)
     kw = {k: t[k] for k in ("steer_vecs", "coef", "readout")}
@@ -382,16 +397,31 @@ def test_a_rows_outputs_do_not_depend_on_the_rest_of_the_call(dtype, m, extra):
         t["clamp_lo"][0], t["clamp_hi"][0] = -INF, INF  # at least one row the clamp leaves alone
         kw.update(clamp_vecs=t["clamp_vecs"], clamp_lo=t["clamp_lo"], clamp_hi=t["clamp_hi"])
     per_row = {"coef", "gate_thr", "clamp_lo", "clamp_hi"}
-    whole = cpu.add_rms_norm_steer_project(t["hidden"], t["delta"], t["weight"], EPS, False, **kw)
+    args = (t["hidden"], t["delta"], t["weight"], EPS, False)
+    (whole, _) = run_both("add_rms_norm_steer_project", dtype, args, kw)
     for r in range(n):
         one = cpu.add_rms_norm_steer_project(t["hidden"][r:r + 1], t["delta"][r:r + 1], t["weight"], EPS, False,
                                              **{k: v[r:r + 1] if k in per_row else v for k, v in kw.items()})
         for a, b in zip(whole, one):
             assert torch.equal(a[r:r + 1], b)
-    # and the readings of an unclamped row are the same whether the call clamps other rows or not
-    if extra == "clamp":
+    # cached calls: an unclamped row reads the same whether the call clamps other rows or not
+    if extra == "clamp" and call_size == "cached":
         free = torch.isinf(t["clamp_lo"]).all(1) & torch.isinf(t["clamp_hi"]).all(1)
         assert free[0]
-        plain = cpu.add_rms_norm_steer_project(t["hidden"], t["delta"], t["weight"], EPS, False,
-                                               **{k: kw[k] for k in ("steer_vecs", "coef", "readout")})
+        plain = cpu.add_rms_norm_steer_project(*args, **{k: kw[k] for k in ("steer_vecs", "coef", "readout")})
         assert torch.equal(whole[2][free], plain[2][free])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["steer_project", "add_rms_norm_steer_project", "rms_norm"])
+def test_streamed_calls_equal_native(dtype, op, call_size):
+    """Both call sizes against the reference, at a size with whole and partial vectors."""
+    n, d = 9, 1024 + 16
+    t = make(n, d, dtype, s=2, c=0, m=8, clamp=False)
+    kw = {k: t[k] for k in ("steer_vecs", "coef", "readout")}
+    if op == "rms_norm":
+        run_both(op, dtype, (t["hidden"], t["weight"], EPS), {})
+    elif op == "steer_project":
+        run_both(op, dtype, (t["hidden"], t["delta"]), kw)
+    else:
+        run_both(op, dtype, (t["hidden"], t["delta"], t["weight"], EPS, False), kw)

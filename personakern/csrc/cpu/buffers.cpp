@@ -3,6 +3,7 @@
 // gone) the block comes back here instead of to the OS. Reuse therefore needs no guess about
 // who still holds what: a block is free exactly when its storage no longer exists.
 #include "buffers.h"
+#include "kernels.h"
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/CPUAllocator.h>
@@ -135,6 +136,15 @@ PyObject* buffers_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return Py_BuildValue("(LLnKK)", static_cast<long long>(p.limit), static_cast<long long>(p.free_bytes()),
                        static_cast<Py_ssize_t>(p.free.size()), static_cast<unsigned long long>(p.reused),
                        static_cast<unsigned long long>(p.fresh));
+}
+
+PyObject* stream_threshold_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  long long set = -1;
+  if (nargs > 1 || (nargs == 1 && args[0] != Py_None && ((set = PyLong_AsLongLong(args[0])) < 0))) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "_stream_threshold(bytes >= 0 or None)");
+    return nullptr;
+  }
+  return PyLong_FromLongLong(static_cast<long long>(stream_threshold(set)));
 }
 
 }  // namespace personakern::cpu

@@ -22,4 +22,7 @@ at::Tensor new_output(at::IntArrayRef sizes, c10::ScalarType dtype);
 // A limit (bytes, 0 switches the pool off) releases the free blocks that no longer fit.
 PyObject* buffers_py(PyObject* module, PyObject* const* args, Py_ssize_t nargs);
 
+// Python: _stream_threshold(bytes=None) -> bytes; see stream_threshold in kernels.h.
+PyObject* stream_threshold_py(PyObject* module, PyObject* const* args, Py_ssize_t nargs);
+
 }  // namespace personakern::cpu

@@ -13,9 +13,12 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstdlib>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace personakern::cpu {
@@ -23,7 +26,7 @@ namespace {
 
 // Scratch reused across calls: per-call malloc would be a visible share of a decode step.
 struct Scratch {
-  std::vector<float> row, excess, gated, weight;
+  std::vector<float> row, excess, gated, weight, keep;
   std::vector<int64_t> active;
   template <typename V>
   static typename V::value_type* of(V& v, int64_t k) {
@@ -37,7 +40,7 @@ thread_local Scratch t_scratch;
 template <typename T>
 inline const float* weight_f32(const T* w, int64_t d) {
   float* out = Scratch::of(t_scratch.weight, d);
-  for_chunks<Io<T>::W>(d, [&](int64_t i, int64_t n) {
+  for_chunks<Io<T>::W>(d, [&](int64_t i, int64_t n) PK_INLINE {
     VecF f[Io<T>::NV];
     Io<T>::load(w + i, n, f);
     store_f32<Io<T>::NV>(out + i, n, f);
@@ -48,16 +51,19 @@ template <>
 inline const float* weight_f32<float>(const float* w, int64_t) { return w; }
 
 // normed = rmsnorm(x) * w for one row whose sum of squares is already known (w as float32).
-template <typename T>
-inline void norm_row(const T* x, const float* w, T* out, int64_t d, float sumsq, float eps, bool gemma) {
+// x is the row in the model dtype, or (X = float) the float32 copy of it kept in L1 by pass 1.
+template <typename T, typename X>
+inline void norm_row(const X* x, const float* w, T* out, int64_t d, float sumsq, float eps, bool gemma,
+                     bool nt) {
   using IO = Io<T>;
   constexpr int NV = IO::NV;
   const float mean = sumsq / static_cast<float>(d);
   const VecF rs(1.f / std::sqrt(mean + eps));
   const VecF one(1.f);
-  for_chunks<IO::W>(d, [&](int64_t i, int64_t n) {
+  for_chunks<IO::W>(d, [&](int64_t i, int64_t n) PK_INLINE {
     VecF f[NV], wf[NV];
-    IO::load(x + i, n, f);
+    if constexpr (std::is_same_v<X, T>) IO::load(x + i, n, f);
+    else load_f32<NV>(x + i, n, f);
     load_f32<NV>(w + i, n, wf);
     for (int j = 0; j < NV; ++j) f[j] = f[j] * rs;
     if (gemma) {
@@ -67,15 +73,47 @@ inline void norm_row(const T* x, const float* w, T* out, int64_t d, float sumsq,
       IO::round(f);
       for (int j = 0; j < NV; ++j) f[j] = wf[j] * f[j];
     }
-    IO::store(out + i, n, f);
+    IO::store(out + i, n, f, nt);
   });
+}
+
+// The norm of a row after pass 1, of its stored (model-dtype) values: from `out`, still in L1,
+// or, where `out` was streamed past the cache, from the float32 copy pass 1 kept (the sum of
+// squares in ATen's order is the same over either).
+template <typename T>
+inline void finish_norm(const SteerArgs& a, int64_t r, const float* keep, const float* weight, bool nt) {
+  T* normed = static_cast<T*>(a.normed) + r * a.d;
+  if (keep) {
+    norm_row<T, float>(keep, weight, normed, a.d, sum_squares<float>(keep, a.d), a.eps, a.gemma, nt);
+  } else {
+    const T* out = static_cast<const T*>(a.out) + r * a.d;
+    norm_row<T, T>(out, weight, normed, a.d, sum_squares<T>(out, a.d), a.eps, a.gemma, nt);
+  }
+}
+
+// Outputs of at least stream_threshold() bytes (16 MiB unless set) are written with streaming
+// stores when aligned for them: they leave the cache before anyone reads them, so
+// read-for-ownership traffic would be pure waste (1.7x on add_rms_norm at 8192 x 4096 fp32
+// here). Smaller ones stay cached for the next op. The sizes caches report are no guide under
+// a hypervisor (this machine's VM says 320 MB of L3), hence a fixed default.
+inline bool large(int64_t n, int64_t d, int64_t elem) { return n * d * elem >= stream_threshold(); }
+
+inline bool streams(const void* p, int64_t n, int64_t d, int64_t elem) {
+  return kStreamAlign > 0 && large(n, d, elem) && reinterpret_cast<uintptr_t>(p) % kStreamAlign == 0 &&
+         (d * elem) % kStreamAlign == 0;
+}
+
+// Whole chunks of float32 for a kept row of d elements (stores write whole chunks).
+template <typename T>
+inline int64_t kept_size(int64_t d) {
+  return (d + Io<T>::W - 1) / Io<T>::W * Io<T>::W;
 }
 
 // R unclamped, ungated rows in lockstep, so each read-out chunk is loaded once for all R (see
 // StreamReads). Per row it is steer_rows' arithmetic, step for step: a row's outputs do not
 // depend on its neighbours.
 template <typename T, int M, int R>
-void steer_tile(const SteerArgs& a, int64_t r, const float* weight, int64_t* active_cols) {
+void steer_tile(const SteerArgs& a, int64_t r, const float* weight, int64_t* active_cols, float* keep, bool nt) {
   using IO = Io<T>;
   constexpr int NV = IO::NV;
   const int64_t d = a.d;
@@ -93,9 +131,10 @@ void steer_tile(const SteerArgs& a, int64_t r, const float* weight, int64_t* act
     cols[q] = active_cols + q * a.s;
     n_active[q] = coef[q] ? nonzero(coef[q], a.s, active_cols + q * a.s) : 0;
   }
+  const int64_t stride = kept_size<T>(d);
   StreamReads<M, NV, R> reads(a.readout, a.m, d);
   reads.reset();
-  for_chunks<IO::W>(d, [&](int64_t i, int64_t n) {
+  for_chunks<IO::W>(d, [&](int64_t i, int64_t n) PK_INLINE {
     VecF f[R * NV];
     for (int q = 0; q < R; ++q) {
       VecF* fq = f + q * NV;
@@ -113,13 +152,11 @@ void steer_tile(const SteerArgs& a, int64_t r, const float* weight, int64_t* act
       }
     }
     reads.add(i, n, f);
-    for (int q = 0; q < R; ++q) IO::store(out[q] + i, n, f + q * NV);
+    for (int q = 0; q < R; ++q) IO::store(out[q] + i, n, f + q * NV, nt, keep ? keep + q * stride + i : nullptr);
   });
   for (int q = 0; q < R; ++q) {
     reads.write(q, a.readings + (r + q) * a.m, a.m);
-    if (a.weight)
-      norm_row<T>(out[q], weight, static_cast<T*>(a.normed) + (r + q) * d, d, sum_squares<T>(out[q], d), a.eps,
-                  a.gemma);
+    if (a.weight) finish_norm<T>(a, r + q, keep ? keep + q * stride : nullptr, weight, nt);
   }
 }
 
@@ -141,9 +178,12 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
   constexpr int R = M <= 4 ? 4 : 2;  // rows per lockstep tile
   int64_t* active_cols = a.s ? Scratch::of(sc.active, R * a.s) : nullptr;
   const float* weight = a.weight ? weight_f32<T>(static_cast<const T*>(a.weight), d) : nullptr;
+  const bool nt = streams(a.out, a.n, d, sizeof(T)) && (!a.weight || streams(a.normed, a.n, d, sizeof(T)));
+  // streamed rows are kept as float32 for the norm (R of them for a tile)
+  float* keep = a.weight && nt ? Scratch::of(sc.keep, R * kept_size<T>(d)) : nullptr;
   if constexpr (M > 0) {
     if (!gating)
-      for (; r0 + R <= r1; r0 += R) steer_tile<T, M, R>(a, r0, weight, active_cols);
+      for (; r0 + R <= r1; r0 += R) steer_tile<T, M, R>(a, r0, weight, active_cols, keep, nt);
   }
   StreamReads<M, NV> reads(a.readout, a.m, d);
   // A clamp with bounds (-inf, inf) changes a row only through NaN: its excess p - p is 0 for a
@@ -157,7 +197,7 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
     const float* coef = a.s ? a.coef + r * a.coef_stride : nullptr;
 
     // h = round(hidden + delta) of one chunk, as float.
-    auto load_sum = [&](int64_t i, int64_t n, VecF* f) {
+    auto load_sum = [&](int64_t i, int64_t n, VecF* f) PK_INLINE {
       IO::load(hid + i, n, f);
       if (del) {
         VecF g[NV];
@@ -170,7 +210,7 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
     // Conditional steering: the gates read h before steering, so h goes to scratch first and
     // pass 1 below continues from there with the gated coefficients.
     if (gating) {
-      for_chunks<W>(d, [&](int64_t i, int64_t n) {
+      for_chunks<W>(d, [&](int64_t i, int64_t n) PK_INLINE {
         VecF f[NV];
         load_sum(i, n, f);
         store_f32<NV>(row + i, n, f);
@@ -185,15 +225,15 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
     reads.reset();
 
     // The final float row of a chunk: read it out, park it if needed, store it rounded.
-    auto emit = [&](int64_t i, int64_t n, VecF* f) {
+    auto emit = [&](int64_t i, int64_t n, VecF* f) PK_INLINE {
       reads.add(i, n, f);
       if (park_reads) store_f32<NV>(row + i, n, f);
-      IO::store(out + i, n, f);
+      IO::store(out + i, n, f, nt, keep ? keep + i : nullptr);
     };
 
     // Pass 1: h = round(hidden + delta) in float, plus the steering sum. Without clamping this
     // is already the final row.
-    for_chunks<W>(d, [&](int64_t i, int64_t n) {
+    for_chunks<W>(d, [&](int64_t i, int64_t n) PK_INLINE {
       VecF f[NV];
       if (gating) {
         load_f32<NV>(row + i, n, f);
@@ -227,7 +267,7 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
         excess[k] = p - clamp_like_torch(p, lo[k], hi[k]);
         active |= excess[k] != 0.f;
       }
-      for_chunks<W>(d, [&](int64_t i, int64_t n) {
+      for_chunks<W>(d, [&](int64_t i, int64_t n) PK_INLINE {
         VecF f[NV];
         load_f32<NV>(row + i, n, f);
         if (active) {
@@ -236,17 +276,17 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
           for (int j = 0; j < NV; ++j) f[j] = f[j] - u[j];
           if (a.m) store_f32<NV>(row + i, n, f);
         }
-        IO::store(out + i, n, f);
+        IO::store(out + i, n, f, nt, keep ? keep + i : nullptr);
       });
     }
 
     float* readings = a.m ? a.readings + r * a.m : nullptr;
     if (M > 0) reads.write(0, readings, a.m);
-    else if (a.m) read_parked<W, NV>(row, a.readout, a.m, d, readings);
-    // The norm is of the stored (model-dtype) residual, re-read while it is still in L1.
-    if (a.weight)
-      norm_row<T>(out, weight, static_cast<T*>(a.normed) + r * d, d, sum_squares<T>(out, d), a.eps, a.gemma);
+    else if (a.m) for (int64_t k = 0; k < a.m; ++k) readings[k] = dot(row, a.readout + k * d, d);
+    // The norm is of the stored (model-dtype) residual, from its float copy in L1.
+    if (a.weight) finish_norm<T>(a, r, keep, weight, nt);
   }
+  if (nt) stream_fence();
 }
 
 // Rows per task such that a task is worth waking a pool thread for: decode-sized calls
@@ -272,13 +312,26 @@ void dispatch(c10::ScalarType dtype, const F& f) {
 
 }  // namespace
 
+int64_t stream_threshold(int64_t set_bytes) {
+  static std::atomic<int64_t> threshold{[] {
+    const char* env = std::getenv("PERSONAKERN_CPU_STREAM_MB");
+    return (env && *env ? static_cast<int64_t>(std::atoll(env)) : int64_t(16)) << 20;
+  }()};
+  if (set_bytes >= 0) threshold.store(set_bytes, std::memory_order_relaxed);
+  return threshold.load(std::memory_order_relaxed);
+}
+
 int64_t steer_cost(const SteerArgs& a) { return a.n * row_cost(a); }
 
 void steer_project(c10::ScalarType dtype, const SteerArgs& a) {
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    // read-outs streamed in pass 1 (unclamped rows, up to 8 of them), else from the parked row
-    const int64_t m = a.c > 0 || a.m > 8 ? 0 : a.m;
+    // Read-outs: in calls too large for the cache, streamed in pass 1 (unclamped rows, up to 8
+    // of them), so the row is never re-read; otherwise dot products over the row parked in L1,
+    // which is faster while everything is cached (decode). The two sum in different orders:
+    // within a call every row takes the same path, across the threshold readings agree to float
+    // rounding.
+    const int64_t m = a.c > 0 || a.m > 8 || !large(a.n, a.d, sizeof(T)) ? 0 : a.m;
     at::parallel_for(0, a.n, grain_for(row_cost(a)), [&](int64_t r0, int64_t r1) {
       if (m == 0) steer_rows<T, 0>(a, r0, r1);
       else if (m == 1) steer_rows<T, 1>(a, r0, r1);
@@ -296,10 +349,12 @@ void rms_norm(c10::ScalarType dtype, const void* x, const void* weight, void* ou
     const T* xs = static_cast<const T*>(x);
     const T* w = static_cast<const T*>(weight);
     T* o = static_cast<T*>(out);
+    const bool nt = streams(o, n, d, sizeof(T));
     at::parallel_for(0, n, grain_for(3 * d), [&](int64_t r0, int64_t r1) {
       const float* wf = weight_f32<T>(w, d);
       for (int64_t r = r0; r < r1; ++r)
-        norm_row<T>(xs + r * d, wf, o + r * d, d, sum_squares<T>(xs + r * d, d), eps, gemma);
+        norm_row<T, T>(xs + r * d, wf, o + r * d, d, sum_squares<T>(xs + r * d, d), eps, gemma, nt);
+      if (nt) stream_fence();
     });
   });
 }

@@ -47,6 +47,11 @@ void steer_project(c10::ScalarType dtype, const SteerArgs& a);
 void rms_norm(c10::ScalarType dtype, const void* x, const void* weight, void* out, int64_t n,
               int64_t d, float eps, bool gemma);
 
+// Outputs of at least this many bytes count as too large for the cache: streaming stores, and
+// read-outs taken as rows stream. $PERSONAKERN_CPU_STREAM_MB sets it at start (default 16);
+// set_bytes >= 0 changes it (tests run both paths on small data).
+int64_t stream_threshold(int64_t set_bytes = -1);
+
 // Rough element operations of one call, used by the binding to decide whether to drop the GIL.
 int64_t steer_cost(const SteerArgs& a);
 

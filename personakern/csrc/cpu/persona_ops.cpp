@@ -388,6 +388,8 @@ PyMethodDef g_methods[] = {
      "contract=None)\n--\n\nNative ops for calls outside the fast path; the ops' parameters."},
     {"_buffers", PK_FAST(personakern::cpu::buffers_py), METH_FASTCALL,
      "_buffers($module, limit_bytes=None)\n--\n\n(limit, held, entries, reused, fresh) of the output pool."},
+    {"_stream_threshold", PK_FAST(personakern::cpu::stream_threshold_py), METH_FASTCALL,
+     "_stream_threshold($module, nbytes=None)\n--\n\nOutputs this large count as too large for the cache."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -17,12 +17,44 @@
 namespace personakern::cpu {
 namespace {
 
+// Lambdas over a row's chunks must inline into their loop: out of line, the float vectors they
+// take and return go through memory on every chunk.
+#if defined(__GNUC__)
+#define PK_INLINE __attribute__((always_inline))
+#else
+#define PK_INLINE
+#endif
+
 using at::vec::Vectorized;
 using VecF = Vectorized<float>;
 constexpr int64_t kF = VecF::size();
 
+// A full vector to memory that no cache needs soon (non-temporal: no read-for-ownership, no
+// eviction of what is cached). `p` aligned to the vector's size (kStreamAlign).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kStreamAlign = 64;
+inline void stream(float* p, const VecF& v) { _mm512_stream_ps(p, v); }
+template <typename V>
+inline void stream(void* p, const V& v) { _mm512_stream_si512(static_cast<__m512i*>(p), v); }
+inline void stream_fence() { _mm_sfence(); }
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int64_t kStreamAlign = 32;
+inline void stream(float* p, const VecF& v) { _mm256_stream_ps(p, v); }
+template <typename V>
+inline void stream(void* p, const V& v) { _mm256_stream_si256(static_cast<__m256i*>(p), v); }
+inline void stream_fence() { _mm_sfence(); }
+#else
+constexpr int64_t kStreamAlign = 0;  // no streaming stores: plain ones
+inline void stream(float* p, const VecF& v) { v.store(p); }
+template <typename V>
+inline void stream(void* p, const V& v) { v.store(p); }
+inline void stream_fence() {}
+#endif
+
 // Io<T>: a chunk of W model-dtype elements as NV float vectors. `n < W` only for the row tail,
-// where loads zero-fill (so tails add nothing to dot products) and stores are masked.
+// where loads zero-fill (so tails add nothing to dot products) and stores are masked. `nt`
+// stores stream full chunks past the cache; `keep` (optional) receives the stored values as
+// float32, so later passes over the row read L1 instead of the output.
 template <typename T>
 struct Io {
   using V = Vectorized<T>;
@@ -39,9 +71,17 @@ struct Io {
     V v = at::vec::convert_from_float<T>(f[0], f[1]);
     std::tie(f[0], f[1]) = at::vec::convert_to_float<T>(v);
   }
-  static inline void store(T* p, int64_t n, const VecF* f) {
+  static inline void store(T* p, int64_t n, const VecF* f, bool nt = false, float* keep = nullptr) {
     V v = at::vec::convert_from_float<T>(f[0], f[1]);
-    if (n == W) v.store(p); else v.store(p, n);
+    if (n != W) v.store(p, n);
+    else if (nt) stream(p, v);
+    else v.store(p);
+    if (keep) {
+      VecF g[2];
+      std::tie(g[0], g[1]) = at::vec::convert_to_float<T>(v);
+      g[0].store(keep);
+      g[1].store(keep + kF);  // keep has room for whole chunks
+    }
   }
 };
 
@@ -53,8 +93,11 @@ struct Io<float> {
     f[0] = n == W ? VecF::loadu(p) : VecF::loadu(p, n);
   }
   static inline void round(VecF*) {}
-  static inline void store(float* p, int64_t n, const VecF* f) {
-    if (n == W) f[0].store(p); else f[0].store(p, n);
+  static inline void store(float* p, int64_t n, const VecF* f, bool nt = false, float* keep = nullptr) {
+    if (n != W) f[0].store(p, n);
+    else if (nt) stream(p, f[0]);
+    else f[0].store(p);
+    if (keep) f[0].store(keep);  // keep has room for whole chunks
   }
 };
 
@@ -165,9 +208,8 @@ inline float clamp_like_torch(float p, float lo, float hi) {
 // each table chunk is loaded once for R rows, which is what keeps a [8, 4096] table (in L2,
 // not L1) from costing more than the rows' own memory traffic. Read-out k of a row is ONE
 // float-vector accumulator that takes the row's float vectors in order, the same whether the
-// row runs alone or beside others, streamed or parked (read_parked): a row's readings never
-// depend on the rest of the call. Slots past `count` repeat the last vector (their sums are
-// dropped), so M takes few values.
+// row runs in a tile or alone: a row's readings never depend on the rest of the call. Slots
+// past `count` repeat the last vector (their sums are dropped), so M takes few values.
 template <int M, int NV, int R = 1>
 struct StreamReads {
   VecF acc[M > 0 ? R * M : 1];
@@ -194,21 +236,6 @@ struct StreamReads {
     for (int64_t k = 0; k < count; ++k) readings[k] = hsum(acc[r * M + k]);
   }
 };
-
-template <int64_t W, int NV>
-void read_parked(const float* row, const float* readout, int64_t m, int64_t d, float* readings) {
-  for (int64_t k0 = 0; k0 < m; k0 += 8) {
-    const int64_t count = std::min<int64_t>(8, m - k0);
-    StreamReads<8, NV> reads(readout + k0 * d, count, d);
-    reads.reset();
-    for_chunks<W>(d, [&](int64_t i, int64_t n) {
-      VecF f[NV];
-      load_f32<NV>(row + i, n, f);
-      reads.add(i, n, f);
-    });
-    reads.write(0, readings + k0, count);
-  }
-}
 
 }  // namespace
 }  // namespace personakern::cpu
