@@ -10,6 +10,7 @@
 #include <c10/core/TensorImpl.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <vector>
@@ -40,7 +41,7 @@ struct Block {
 struct Pool {
   std::mutex mu;
   std::vector<Block> free;  // blocks whose storage is gone, ready for the next output
-  int64_t limit = default_limit();  // most bytes kept in `free`
+  std::atomic<int64_t> limit{default_limit()};  // most bytes kept in `free`
   uint64_t tick = 0, reused = 0, fresh = 0;
 
   int64_t free_bytes() const {
@@ -50,7 +51,7 @@ struct Pool {
   }
   // Releases least recently used blocks until `free` fits the limit and the count.
   void trim() {
-    while (!free.empty() && (free_bytes() > limit || free.size() > kMaxFree)) {
+    while (!free.empty() && (free_bytes() > limit.load() || free.size() > kMaxFree)) {
       size_t oldest = 0;
       for (size_t i = 1; i < free.size(); ++i)
         if (free[i].last_use < free[oldest].last_use) oldest = i;
@@ -73,7 +74,7 @@ void give_back(void* ctx) {
   Pool& p = pool();
   {
     std::lock_guard<std::mutex> lock(p.mu);
-    if (block->nbytes <= p.limit) {
+    if (block->nbytes <= p.limit.load()) {
       p.free.push_back({block->ptr, block->nbytes, ++p.tick});
       p.trim();
     } else {
@@ -88,11 +89,12 @@ void give_back(void* ctx) {
 at::Tensor new_output(at::IntArrayRef sizes, c10::ScalarType dtype) {
   const int64_t nbytes = c10::multiply_integers(sizes) * static_cast<int64_t>(c10::elementSize(dtype));
   Pool& p = pool();
+  // decode-sized outputs never touch the lock
+  if (nbytes < kMinPooledBytes || nbytes > p.limit.load(std::memory_order_relaxed))
+    return at::detail::empty_cpu(sizes, dtype, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
   void* ptr = nullptr;
   {
     std::lock_guard<std::mutex> lock(p.mu);
-    if (nbytes < kMinPooledBytes || nbytes > p.limit)
-      return at::detail::empty_cpu(sizes, dtype, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
     for (size_t i = 0; i < p.free.size(); ++i) {
       if (p.free[i].nbytes == nbytes) {
         ptr = p.free[i].ptr;
@@ -133,7 +135,7 @@ PyObject* buffers_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     p.limit = static_cast<int64_t>(limit);
     p.trim();
   }
-  return Py_BuildValue("(LLnKK)", static_cast<long long>(p.limit), static_cast<long long>(p.free_bytes()),
+  return Py_BuildValue("(LLnKK)", static_cast<long long>(p.limit.load()), static_cast<long long>(p.free_bytes()),
                        static_cast<Py_ssize_t>(p.free.size()), static_cast<unsigned long long>(p.reused),
                        static_cast<unsigned long long>(p.fresh));
 }
