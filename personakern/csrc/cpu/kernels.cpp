@@ -188,6 +188,7 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
       for (; r0 + R <= r1; r0 += R) steer_tile<T, M, R>(a, r0, weight, active_cols, keep, nt);
   }
   StreamReads<M, NV> reads(a.readout, a.m, d);
+  const bool prefetch = (a.c > 0 || park_reads) && large(a.n, d, sizeof(T));
   // A clamp with bounds (-inf, inf) changes a row only through NaN: its excess p - p is 0 for a
   // finite projection. On rows bounded well inside float range (so p is finite too) it is skipped.
   constexpr float kSafeAbs = 1e15f;
@@ -197,6 +198,15 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
     const T* del = a.delta ? static_cast<const T*>(a.delta) + r * d : nullptr;
     T* out = static_cast<T*>(a.out) + r * d;
     const float* coef = a.s ? a.coef + r * a.coef_stride : nullptr;
+    // in calls larger than the cache, the next row streams in while this one's dots run
+    Prefetch next_row;
+    Prefetch* pf = nullptr;
+    if (prefetch && r + 1 < r1) {
+      next_row.start(static_cast<const T*>(a.hidden) + (r + 1) * d,
+                     a.delta ? static_cast<const T*>(a.delta) + (r + 1) * d : nullptr, d * sizeof(T),
+                     (a.m + a.c) * (d / (4 * kF)));
+      pf = &next_row;
+    }
 
     // h = round(hidden + delta) of one chunk, as float.
     auto load_sum = [&](int64_t i, int64_t n, VecF* f) PK_INLINE {
@@ -265,7 +275,7 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
           if (safe < 0) safe = max_abs(row, d) <= kSafeAbs;   // false for NaN
           if (safe) { excess[k] = 0.f; continue; }
         }
-        const float p = dot(row, a.clamp + k * d, d);
+        const float p = pf ? dot<true>(row, a.clamp + k * d, d, pf) : dot(row, a.clamp + k * d, d);
         excess[k] = p - clamp_like_torch(p, lo[k], hi[k]);
         active |= excess[k] != 0.f;
       }
@@ -284,6 +294,7 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
 
     float* readings = a.m ? a.readings + r * a.m : nullptr;
     if (M > 0) reads.write(0, readings, a.m);
+    else if (a.m && pf) for (int64_t k = 0; k < a.m; ++k) readings[k] = dot<true>(row, a.readout + k * d, d, pf);
     else if (a.m) for (int64_t k = 0; k < a.m; ++k) readings[k] = dot(row, a.readout + k * d, d);
     // The norm is of the stored (model-dtype) residual, from its float copy in L1.
     if (a.weight) finish_norm<T>(a, r, keep, weight, nt);

@@ -125,10 +125,34 @@ inline void for_chunks(int64_t d, const F& body) {
 // <x, y> over d floats, run on the L1-resident scratch row. Four independent accumulators keep
 // it load-bound; accumulating the dots while streaming the row instead chains every chunk
 // through one accumulator per vector, which made the clamped op ~2x slower (N=2048, D=576).
-inline float dot(const float* x, const float* y, int64_t d) {
+// Fetches the next row's inputs towards L2 while the current row's dot products run: those
+// work on cached data and would otherwise leave the memory idle between two rows' streams.
+// `per_step` cache lines per dot-loop iteration, spread over the dots the row has.
+struct Prefetch {
+  const char* base[2] = {nullptr, nullptr};
+  int64_t lines = 0, next = 0, per_step = 1;
+  void start(const void* a, const void* b, int64_t bytes, int64_t steps) {
+    base[0] = static_cast<const char*>(a);
+    base[1] = static_cast<const char*>(b);
+    lines = (bytes + 63) / 64;
+    next = 0;
+    const int64_t total = (b ? 2 : 1) * lines;
+    per_step = std::max<int64_t>(1, (total + std::max<int64_t>(steps, 1) - 1) / std::max<int64_t>(steps, 1));
+  }
+  inline void step() {
+    for (int64_t k = 0; k < per_step && next < 2 * lines; ++k, ++next) {
+      const char* p = base[next & 1];
+      if (p) __builtin_prefetch(p + (next >> 1) * 64, 0, 2);
+    }
+  }
+};
+
+template <bool kPrefetch = false>
+inline float dot(const float* x, const float* y, int64_t d, Prefetch* pf = nullptr) {
   VecF s0(0.f), s1(0.f), s2(0.f), s3(0.f);
   int64_t i = 0;
   for (; i + 4 * kF <= d; i += 4 * kF) {
+    if constexpr (kPrefetch) pf->step();
     s0 = at::vec::fmadd(VecF::loadu(x + i), VecF::loadu(y + i), s0);
     s1 = at::vec::fmadd(VecF::loadu(x + i + kF), VecF::loadu(y + i + kF), s1);
     s2 = at::vec::fmadd(VecF::loadu(x + i + 2 * kF), VecF::loadu(y + i + 2 * kF), s2);
