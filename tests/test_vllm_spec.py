@@ -78,11 +78,26 @@ def test_two_bounds_on_one_trait_and_layer_are_refused():
         build_plan(many, CAT, 2)
 
 
-def _tables(seed=0, gated=2, max_tokens=64):
+def _backend(name):
+    if name == "native":
+        return native
+    from personakern.backends import cpu
+    if not cpu.available():
+        pytest.skip(cpu.unavailable_reason())
+    from personakern import ops
+    return ops.select_backend(torch.device("cpu"), torch.float32, "cpu")
+
+
+def _tables(seed=0, gated=2, max_tokens=64, backend="native"):
     g = torch.Generator().manual_seed(seed)
     vectors = torch.randn(6, 3, 16, generator=g)      # [L, T, D]
     vectors[2, 2] = 0.0
-    return vectors, StepTables(vectors, max_tokens, gated, torch.device("cpu"), native)
+    tables = StepTables(vectors, max_tokens, gated, torch.device("cpu"), _backend(backend))
+    assert (tables.handle is not None) == (backend == "cpu")   # cpu: the extension's step op
+    return vectors, tables
+
+
+BACKENDS = pytest.mark.parametrize("backend", ["native", "cpu"])
 
 
 def _oracle_row(h, layer, spec, vectors, prompt_len, pos):
@@ -110,8 +125,9 @@ def _oracle_row(h, layer, spec, vectors, prompt_len, pos):
     return out[0]
 
 
-def test_step_tables_equal_the_spec_token_by_token():
-    vectors, tables = _tables()
+@BACKENDS
+def test_step_tables_equal_the_spec_token_by_token(backend):
+    vectors, tables = _tables(backend=backend)
     specs = [
         {"steer": [{"trait": "evil", "alpha": 2.0, "layers": [1, 3], "positions": "response"},
                    {"trait": "humorous", "alpha": -1.5, "layers": [3], "positions": "prompt"}]},
@@ -150,14 +166,15 @@ def test_step_tables_equal_the_spec_token_by_token():
     assert not tables.coef.any() and torch.isneginf(tables.lo).all() and torch.isposinf(tables.hi).all()
 
 
-def test_plain_rows_are_bit_identical_to_the_unsteered_op():
-    vectors, tables = _tables(seed=4)
+@BACKENDS
+def test_plain_rows_are_bit_identical_to_the_unsteered_op(backend):
+    vectors, tables = _tables(seed=4, backend=backend)
     plan = build_plan(parse_spec({"steer": [{"trait": "evil", "alpha": 5.0, "layers": [2]}]}, CAT), CAT, 2)
     tables.fill([plan, None], np.array([2, 3]), np.array([0, 7]), np.array([2, 7]), 5)
     h, x = torch.randn(5, 16), torch.randn(5, 16)
     w = torch.rand(16)
     normed, out = tables.apply(2, h, x, w, 1e-5)
-    plain_normed, plain_out = native.add_rms_norm(h, x, w, 1e-5)
+    plain_normed, plain_out = tables.ops.add_rms_norm(h, x, w, 1e-5)
     assert torch.equal(out[2:], plain_out[2:]) and torch.equal(normed[2:], plain_normed[2:])
     assert not torch.equal(out[:2], plain_out[:2])
 

@@ -247,6 +247,37 @@ def buffers(limit_mb: Optional[float] = None) -> dict:
             "reused": reused, "fresh": fresh}
 
 
+STEP_OP = "personakern::cpu_step_add_rms_norm"
+_step_fake_done = False
+
+
+def step_table(steer, coef, unit, lo, hi, gate, thr, readings) -> Optional[int]:
+    """Register an inference engine's step tables with the extension's step op
+    (``csrc/cpu/step_tables.h``; ``torch.ops.personakern.cpu_step_add_rms_norm``) and return
+    their handle, or None where the extension (or a build with the op) is unavailable."""
+    global _step_fake_done
+    ext = _load()
+    if ext is None or not hasattr(ext, "_step_table"):
+        return None
+    with _lock:
+        if not _step_fake_done:
+            @torch.library.register_fake(STEP_OP)
+            def _fake(residual, x, weight, eps, table, block):
+                return torch.empty_like(residual), torch.empty_like(residual)
+            _step_fake_done = True
+    return ext._step_table(steer, coef, unit, lo, hi, gate, thr, readings)
+
+
+def step_flags(handle: int, steers: bool, reads: bool) -> None:
+    """What the step op applies from table ``handle`` until the next call: the steering
+    group (vectors, gates, clamps) and the read-outs."""
+    _require()._step_flags(handle, steers, reads)
+
+
+def step_table_release(handle: int) -> None:
+    _require()._step_table_release(handle)
+
+
 def _require():
     ext = _load()
     if ext is None:

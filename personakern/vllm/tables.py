@@ -16,6 +16,7 @@ A plain step (no steered request) writes nothing once the rows it uses are clean
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Optional, Sequence
 
 import numpy as np
@@ -50,6 +51,21 @@ class StepTables:
         self._dirty_coef = 0                    # rows [0, dirty) may hold non-plain values
         self._dirty_bounds = 0
         self._warned_overflow = False
+        self.handle = self._step_handle()
+        self._step_op = torch.ops.personakern.cpu_step_add_rms_norm.default if self.handle is not None else None
+
+    def _step_handle(self) -> Optional[int]:
+        """On the cpu backend the tables are registered with the extension's step op, which
+        reads them by handle (no per-call views, read-outs written in place, steering and
+        read-outs switched off in steps without them); other backends take them as arguments."""
+        if getattr(self.ops, "NAME", None) != "cpu" or self.coef.device.type != "cpu":
+            return None
+        from ..backends import cpu
+        handle = cpu.step_table(self.steer, self.coef, self.unit, self.lo, self.hi, self.gate, self.thr,
+                                self.readings)
+        if handle is not None:
+            weakref.finalize(self, cpu.step_table_release, handle)
+        return handle
 
     # ------------------------------------------------------------------ per step (host)
     def fill(self, plans: Sequence[Optional[RequestPlan]], num_tokens: np.ndarray, start: np.ndarray,
@@ -58,6 +74,9 @@ class StepTables:
         ``num_tokens[r]`` consecutive rows at positions ``start[r]...``; rows past
         ``sum(num_tokens)`` up to ``total`` (padding) are plain."""
         steered = [r for r, p in enumerate(plans) if p is not None and p.steers]
+        if self.handle is not None:
+            from ..backends import cpu
+            cpu.step_flags(self.handle, bool(steered), any(p is not None and p.monitors for p in plans))
         if not steered:
             self._clean(total)
             return
@@ -149,6 +168,8 @@ class StepTables:
     def apply(self, block: int, residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
         """Block ``block``'s output ``residual + x``, steered, clamped and read, and its RMSNorm
         (the next block's input norm, or the final norm): vLLM's fused add+RMSNorm slot."""
+        if self._step_op is not None:
+            return self._step_op(residual, x, weight, eps, self.handle, block)
         n = x.shape[0]
         normed, out, readings = self.ops.add_rms_norm_steer_project(
             residual, x, weight, eps, False,

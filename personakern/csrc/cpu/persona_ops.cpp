@@ -7,6 +7,7 @@
 // the semantics, including error messages, are the reference's by construction.
 #include "buffers.h"
 #include "kernels.h"
+#include "step_tables.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
@@ -402,4 +403,8 @@ PyModuleDef g_module = {PyModuleDef_HEAD_INIT, PK_STR(TORCH_EXTENSION_NAME), nul
 
 }  // namespace
 
-PyMODINIT_FUNC PK_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&g_module); }
+PyMODINIT_FUNC PK_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  PyObject* module = PyModule_Create(&g_module);
+  if (module && PyModule_AddFunctions(module, personakern::cpu::step_table_methods) < 0) Py_CLEAR(module);
+  return module;
+}
