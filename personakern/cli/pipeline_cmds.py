@@ -98,7 +98,7 @@ def cmd_extract(args):
     model, tok = _load(args)
     if launched:
         model.to(distributed.local_device())
-    judge = make_judge(args.judge, model=model, tokenizer=tok, **_judge_kw(args))
+    judge = make_judge(args.judge, model=model, tokenizer=tok, engine=args.judge_engine, **_judge_kw(args))
     cfg = ExtractConfig(
         n_per_question=args.n, gen=GenSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                                batch_size=args.batch_size, seed=args.seed),
@@ -199,6 +199,9 @@ def register(sub) -> None:
     e.add_argument("--model", default="smollm2")
     e.add_argument("--backend", default=None)
     e.add_argument("--judge", default="default", help="default (likelihood) | llm | likelihood | embedding | http | 'trait=KIND;coherence=KIND'")
+    e.add_argument("--judge-engine", default="hf", choices=["hf", "vllm"],
+                   help="what runs the llm/likelihood judges: hf (the extracted model in this process, default) "
+                        "or vllm (a vLLM engine on the same model folder, or --judge-model; same scores)")
     e.add_argument("--judge-url", default=None, help="http judge: OpenAI-compatible base URL")
     e.add_argument("--judge-model", default=None, help="http judge: model name; llm/likelihood judge: a local model to judge with "
                         "(default: the extracted model)")

@@ -67,6 +67,18 @@ def chat_prefix_ids(tok, system: Optional[str], question: str) -> List[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def answer_sequences(tok, samples: Sequence[Sample], max_answer_tokens: int = 256) -> List[Tuple[List[int], int]]:
+    """``(token ids, prefix length)`` per ``(system, question, answer)``: the chat template with
+    the generation prompt, then the answer's first ``max_answer_tokens`` tokens. Every engine
+    scores these very sequences (Hugging Face here, vLLM in :mod:`.vllm_engine`)."""
+    seqs = []
+    for system, q, a in samples:
+        p = chat_prefix_ids(tok, system, q)
+        r = tok(a, add_special_tokens=False)["input_ids"][:max_answer_tokens]
+        seqs.append((p + r, len(p)))
+    return seqs
+
+
 @torch.inference_mode()
 def answer_logprobs(model, tok, samples: Sequence[Sample], batch_size: int = 16,
                     max_answer_tokens: int = 256, bar=None) -> List[Tuple[float, int]]:
@@ -75,11 +87,7 @@ def answer_logprobs(model, tok, samples: Sequence[Sample], batch_size: int = 16,
     Sequences are sorted by length and left-padded with correct position ids."""
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    seqs = []
-    for system, q, a in samples:
-        p = chat_prefix_ids(tok, system, q)
-        r = tok(a, add_special_tokens=False)["input_ids"][:max_answer_tokens]
-        seqs.append((p + r, len(p)))
+    seqs = answer_sequences(tok, samples, max_answer_tokens)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     out: List[Tuple[float, int]] = [(0.0, 0)] * len(seqs)
     for idx in batches(len(order), batch_size):
@@ -124,14 +132,24 @@ class LikelihoodJudge(Judge):
             model, tokenizer = load_model(model_path or DEFAULT_MODEL)
         elif tokenizer is None:
             raise ValueError("pass the tokenizer with the model")
-        self.model, self.tok, self.batch_size = model, tokenizer, batch_size
+        self.model = model
+        self._configure(tokenizer, batch_size, scale, coherence_mid, coherence_scale, neutral_system,
+                        max_answer_tokens)
+        self.name = f"likelihood:{model_id(model)}"
+
+    def _configure(self, tokenizer, batch_size, scale, coherence_mid, coherence_scale, neutral_system,
+                   max_answer_tokens) -> None:
+        """The settings every engine shares (the vLLM one: :mod:`.vllm_engine`)."""
+        self.tok, self.batch_size = tokenizer, batch_size
         self.scale, self.coherence_mid, self.coherence_scale = scale, coherence_mid, coherence_scale
         self.neutral_system, self.max_answer_tokens = neutral_system, max_answer_tokens
-        self.name = f"likelihood:{model_id(model)}"
+
+    def _answer_logprobs(self, samples, bar) -> List[Tuple[float, int]]:
+        return answer_logprobs(self.model, self.tok, samples, self.batch_size, self.max_answer_tokens, bar)
 
     def _mean_lps(self, samples, progress, desc) -> List[Optional[float]]:
         with progress_bar(len(samples), desc, progress) as bar:
-            res = answer_logprobs(self.model, self.tok, samples, self.batch_size, self.max_answer_tokens, bar)
+            res = self._answer_logprobs(samples, bar)
         return [s / n if n else None for s, n in res]
 
     def margins(self, spec, questions, answers, progress=False) -> List[Optional[float]]:

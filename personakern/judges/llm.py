@@ -138,12 +138,20 @@ class LLMJudge(Judge):
         if "flash" in impl:
             raise JudgeError(f"the LLM judge feeds the number trie with a 4-D attention mask, which "
                              f"{impl} ignores; load the judge model with attn_implementation='sdpa'")
-        self.model, self.tok = model, tokenizer
+        self.model = model
+        self._configure(tokenizer, model, batch_size, min_mass, end, coherence_rubric, end_ids,
+                        cache_distributions)
+        self.name = name or f"llm:{model_id(model)}" + ("" if end == "eos" else f"+end={end}")
+
+    def _configure(self, tokenizer, eos_source, batch_size, min_mass, end, coherence_rubric, end_ids,
+                   cache_distributions) -> None:
+        """The settings every engine shares (the vLLM one: :mod:`.vllm_engine`); ``eos_source``
+        is anything with the model's ``generation_config`` (for :func:`end_token_ids`)."""
+        self.tok = tokenizer
         self.batch_size, self.min_mass, self.end = batch_size, min_mass, end
         self.coherence_rubric = coherence_rubric
-        self.end_ids = sorted(end_ids) if end_ids is not None else end_token_ids(model, tokenizer)
+        self.end_ids = sorted(end_ids) if end_ids is not None else end_token_ids(eos_source, tokenizer)
         self.trie = IntegerTrie(tokenizer)
-        self.name = name or f"llm:{model_id(model)}" + ("" if end == "eos" else f"+end={end}")
         self._digit_tokens: Optional[torch.Tensor] = None
         # prompt -> distribution, when asked for (re-scoring the same prompts with another min_mass)
         self.cache: Optional[Dict[str, torch.Tensor]] = {} if cache_distributions else None

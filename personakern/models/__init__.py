@@ -70,13 +70,12 @@ def resolve(name_or_path: str) -> Path | str:
     return name_or_path
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
-               device: Optional[str] = None):
-    """Load ``(model, tokenizer)`` in eval mode. ``smollm2`` (default) needs no network."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    """The tokenizer :func:`load_model` returns (pad token set, left padding), alone: for an
+    engine that runs the model elsewhere (vLLM) but must tokenize exactly as Hugging Face does."""
+    from transformers import AutoTokenizer
 
-    source = resolve(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    source = resolve(str(name_or_path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except ValueError:
@@ -88,6 +87,17 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # batched generation pads on the left
+    return tokenizer
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               device: Optional[str] = None):
+    """Load ``(model, tokenizer)`` in eval mode. ``smollm2`` (default) needs no network."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    tokenizer = load_tokenizer(source)
     if device is not None:
         model.to(device)
     model.eval()

