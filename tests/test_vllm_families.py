@@ -134,3 +134,25 @@ def test_tensor_parallel_2_equals_1(tmp_path):
         assert a["tokens"] == b["tokens"]
     assert close_values(torch.tensor(out[2][0]["readings"]), torch.tensor(out[1][0]["readings"])) <= 1e-4
     assert out[2][1]["readings"] is None
+
+
+def test_plain_and_steered_engines_follow_each_other_in_one_process(tmp_path):
+    """vLLM calls the plugin's entry point once per process: an engine started without
+    $PERSONAKERN_VECTORS, then one with it, then one without again, each gets what it asked for
+    (a plain engine before a steered one used to leave the steered one plain)."""
+    import json
+    from vllm_support import run_script
+    _, path, vec = tiny_model(tmp_path, "llama", seed=5)
+    spec = {"steer": [{"trait": "alpha", "alpha": 8.0, "layers": [1], "positions": "all"}],
+            "monitor": {"traits": ["alpha"], "layers": "all"}}
+    job = {"model": path, "ids": IDS, "spec": spec, "stages": [None, vec, None]}
+    plain1, steered, plain2 = run_script("engine_sequence.py", {"PK_JOB": json.dumps(job),
+                                                                "PERSONAKERN_VECTORS": None})["results"]
+    for stage in (plain1, plain2):
+        assert stage["class"] == "LlamaForCausalLM"
+        assert "without $PERSONAKERN_VECTORS" in stage["refused"], stage   # not run unsteered
+        assert stage["plain"] == stage["plain_after"] == plain1["plain"]
+    assert steered["class"] == "PersonaLlamaForCausalLM" and "refused" not in steered
+    assert steered["plain"] == steered["plain_after"] == plain1["plain"]   # plain requests: plain vLLM
+    assert steered["steered"] != plain1["plain"]
+    assert steered["readings"][1] == len(IDS) + 12 - 1   # every token the engine ran, read

@@ -1,8 +1,10 @@
 """The ``vllm.general_plugins`` entry point: what personakern installs in each vLLM process.
 
-vLLM calls :func:`register` in every process it starts (the one that accepts requests, the engine
-core, each worker) before any model is built. Without ``$PERSONAKERN_VECTORS`` it does nothing,
-so installing personakern changes nothing for plain vLLM. With it:
+vLLM calls :func:`register` once in every process it starts (the one that accepts requests, the
+engine core, each worker) before any model is built. It installs the patches below; each one
+looks at ``$PERSONAKERN_VECTORS`` when an engine is created, so that an engine started without it
+is plain vLLM (a request carrying a SPEC is refused with a clear error instead of running
+unsteered), whatever engines the same process started before. With it:
 
 - the four supported architectures resolve to personakern's model classes (``model.py``);
 - a worker refuses to start if the built model is not one of them, and answers
@@ -16,7 +18,9 @@ so installing personakern changes nothing for plain vLLM. With it:
   them to the outputs (:func:`personakern.vllm.readings`); the server gets them per request
   (``server.py``).
 
-The patches are applied once per process and wrap vLLM 0.32's methods by name; nothing is patched
+The patches are applied once per process (a plain engine and a steered one may follow each other
+in one process: the architectures are pointed at personakern's classes or back at vLLM's each
+time an engine is created) and wrap vLLM 0.32's methods by name; nothing is patched
 when the names are missing (another vLLM version): the failure is then loud at engine start.
 """
 from __future__ import annotations
@@ -29,22 +33,70 @@ from .results import RPC_TAKE
 from .vectors import SUPPORTED_ARCHITECTURES, check_architecture, configured_paths, load_engine_vectors
 
 log = logging.getLogger("personakern.vllm")
-_done = False
+_patched = False
+_originals: dict = {}   # architecture -> vLLM's own registry entry, restored for a plain engine
 
 
 def register() -> None:
-    global _done
-    if _done or not configured_paths():
+    """vLLM's entry point, called once per process: installs the patches (each does nothing for
+    an engine started without ``$PERSONAKERN_VECTORS``) and a hook that settles, each time an
+    engine is created, whether the supported architectures resolve to personakern's classes. So
+    a process may start a plain engine first and a steered one later, or the other way round
+    (vLLM calls this entry point only once per process, however many engines it starts)."""
+    global _patched
+    if _patched:
         return
-    _done = True
-    from vllm import ModelRegistry
-    for arch in SUPPORTED_ARCHITECTURES:
-        ModelRegistry.register_model(arch, f"personakern.vllm.model:Persona{arch}")
+    _patched = True
+    _patch_engine_args()
     _patch_worker()
     _patch_input_processor()
     _patch_offline()
     from . import server
     server.patch()
+    sync_architectures()
+
+
+def sync_architectures() -> None:
+    """Point the supported architectures at personakern's classes if ``$PERSONAKERN_VECTORS`` is
+    set now, back at vLLM's own classes if not."""
+    from vllm import ModelRegistry
+    models = getattr(ModelRegistry, "models", None)
+    if models is None:   # another vLLM: register and never restore
+        if configured_paths():
+            for arch in SUPPORTED_ARCHITECTURES:
+                ModelRegistry.register_model(arch, f"personakern.vllm.model:Persona{arch}")
+        return
+    want = bool(configured_paths())
+    if want == bool(_originals):
+        return
+    if want:
+        for arch in SUPPORTED_ARCHITECTURES:
+            _originals[arch] = models.get(arch)
+            ModelRegistry.register_model(arch, f"personakern.vllm.model:Persona{arch}")
+    else:
+        for arch, entry in _originals.items():
+            if entry is None:
+                models.pop(arch, None)
+            else:
+                models[arch] = entry
+        _originals.clear()
+    try:   # vLLM caches the class it resolved per model folder
+        from vllm.model_executor.model_loader import utils as loader_utils
+        loader_utils._MODEL_ARCH_BY_HASH.clear()
+    except (ImportError, AttributeError):
+        pass
+
+
+def _patch_engine_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+    original = EngineArgs.create_engine_config
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        sync_architectures()   # before vLLM resolves the architecture
+        return original(self, *args, **kwargs)
+
+    EngineArgs.create_engine_config = create_engine_config
 
 
 # ---------------------------------------------------------------------------- worker side
@@ -58,6 +110,8 @@ def _patch_worker() -> None:
         from .model import PersonaModelMixin
         model = _persona_model(self.model_runner.get_model())
         if not isinstance(model, PersonaModelMixin):
+            if not configured_paths():
+                return out   # a plain engine
             raise RuntimeError(f"personakern: $PERSONAKERN_VECTORS is set but the model class is "
                                f"{type(model).__name__}, not a personakern class; supported architectures: "
                                f"{list(SUPPORTED_ARCHITECTURES)}")
@@ -108,10 +162,12 @@ def _patch_input_processor() -> None:
 
     @functools.wraps(init)
     def __init__(self, vllm_config, *args, **kwargs):
-        hf_config = vllm_config.model_config.hf_config
-        check_architecture(hf_config)
-        self.personakern_catalog = load_engine_vectors(hf_config).catalog
-        self.personakern_monitored = _Monitored()
+        self.personakern_catalog = self.personakern_monitored = None
+        if configured_paths():
+            hf_config = vllm_config.model_config.hf_config
+            check_architecture(hf_config)
+            self.personakern_catalog = load_engine_vectors(hf_config).catalog
+            self.personakern_monitored = _Monitored()
         init(self, vllm_config, *args, **kwargs)
 
     @functools.wraps(process)
@@ -127,10 +183,12 @@ def _patch_input_processor() -> None:
 
 
 def _validated_spec(processor, params):
-    from .spec import KEY, parse_spec
+    from .spec import KEY, no_vectors_error, parse_spec
     extra = getattr(params, "extra_args", None)
     if not extra or KEY not in extra:
         return None
+    if processor.personakern_catalog is None:
+        raise no_vectors_error()
     spec = parse_spec(extra[KEY], processor.personakern_catalog)
     from .plan import build_plan
     from .model import WHEN_SLOTS_ENV

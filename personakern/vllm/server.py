@@ -18,7 +18,7 @@ import logging
 import os
 
 from .results import RPC_TAKE, first_rank, to_json
-from .spec import KEY, SpecError, parse_spec
+from .spec import KEY, SpecError, no_vectors_error, parse_spec
 
 log = logging.getLogger("personakern.vllm")
 
@@ -60,7 +60,9 @@ def _wrap(original):
 def _validate(serving, raw):
     from .model import WHEN_SLOTS_ENV
     from .plan import build_plan
-    catalog = serving.engine_client.input_processor.personakern_catalog
+    catalog = getattr(serving.engine_client.input_processor, "personakern_catalog", None)
+    if catalog is None:
+        raise no_vectors_error()
     spec = parse_spec(raw, catalog)
     build_plan(spec, catalog, int(os.environ.get(WHEN_SLOTS_ENV, str(len(catalog.traits)))))
     return spec

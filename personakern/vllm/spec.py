@@ -33,6 +33,13 @@ class SpecError(ValueError):
     """A SPEC that cannot be served; the message names the field and the problem."""
 
 
+def no_vectors_error() -> SpecError:
+    """The error for a SPEC sent to an engine started without persona vectors."""
+    return SpecError("personakern: this engine was started without $PERSONAKERN_VECTORS, so it has no "
+                     "persona vectors and cannot serve a SPEC; start it with "
+                     "PERSONAKERN_VECTORS=<vectors.safetensors>")
+
+
 @dataclass(frozen=True)
 class Catalog:
     """What the engine's vector files offer: trait names (file order), the model's layer count,
