@@ -106,7 +106,7 @@ def cmd_extract(args):
         coherence_threshold=args.coherence_threshold, min_kept=args.min_kept,
         sweep_layers=args.sweep_layers, sweep_alphas=tuple(args.sweep_alphas),
         sweep_questions=args.sweep_questions, heldout_pairs=args.heldout_pairs, coherence_floor=args.coherence_floor, sweep=not args.no_sweep,
-        judge_chunk=args.judge_chunk)
+        sweep_engine=args.sweep_engine, judge_chunk=args.judge_chunk)
     out = Path(args.out or f"personakern-runs/{spec.name}-{_slug(args.model)}")
     try:
         vs = extract(model, tok, spec, judge, out, cfg, progress=not args.quiet,
@@ -222,6 +222,9 @@ def register(sub) -> None:
     e.add_argument("--sweep-layers", type=int, nargs="*", default=None)
     e.add_argument("--sweep-alphas", type=float, nargs="*", default=[2.0, 4.0, 6.0, 8.0])
     e.add_argument("--sweep-questions", type=int, default=20)
+    e.add_argument("--sweep-engine", default="hf", choices=["hf", "vllm"],
+                   help="what generates the steering sweep's answers: hf (one generate() per cell, default) or "
+                        "vllm (every cell as one batch of per-request steering configs on a vLLM engine)")
     e.add_argument("--heldout-pairs", type=int, default=3,
                    help="held-out answers per evaluation question and side, one per instruction pair (default 3)")
     e.add_argument("--coherence-floor", type=float, default=50.0)

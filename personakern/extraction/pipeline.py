@@ -49,6 +49,7 @@ from ..vectors import PersonaVector, VectorSet, model_fingerprint
 from ..state import KINDS
 from .generate import ActStore, GenSettings, RankedLog, generate_cached, settings_hash
 from .spec import TraitSpec, load_spec
+from .sweep import choose_layer, default_sweep_layers, steering_sweep  # noqa: F401 (re-exported)
 
 
 # The held-out AUROC uses judge-filtered answers when at least this many per side pass the
@@ -72,6 +73,7 @@ class ExtractConfig:
                                           # instruction pair, up to this many pairs
     coherence_floor: float = 50.0
     sweep: bool = True
+    sweep_engine: str = "hf"              # "vllm": every cell in one batch on a vLLM engine
     judge_chunk: int = 64                 # answers per judge call; under a launcher, the unit the
                                           # ranks share (smaller: finer balance, smaller judge batches)
 
@@ -79,11 +81,6 @@ class ExtractConfig:
         d = asdict(self)
         d["sweep_alphas"] = list(self.sweep_alphas)
         return d
-
-
-def default_sweep_layers(num_layers: int, k: int = 6) -> List[int]:
-    lo, hi = 0.15 * (num_layers - 1), 0.85 * (num_layers - 1)
-    return sorted({int(round(lo + (hi - lo) * i / max(k - 1, 1))) for i in range(k)})
 
 
 def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
@@ -185,6 +182,8 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
     cfg = cfg or ExtractConfig()
     if cfg.judge_chunk < 1:   # checked here, not after generating everything
         raise ValueError(f"judge_chunk must be at least 1, got {cfg.judge_chunk}")
+    if cfg.sweep_engine not in ("hf", "vllm"):
+        raise ValueError(f"sweep_engine must be 'hf' or 'vllm', got {cfg.sweep_engine!r}")
     main = distributed.is_main()
     if not main:
         progress, log = False, (lambda s: None)
@@ -270,7 +269,8 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
     sweep = None
     if cfg.sweep:
         t1 = time.perf_counter()
-        sweep = steering_sweep(model, tok, spec, vecs["response"], judge, out, cfg, key, progress)
+        sweep = steering_sweep(model, tok, spec, vecs["response"], judge, out, cfg, key, progress,
+                               engine=cfg.sweep_engine)
         times["sweep_s"] = time.perf_counter() - t1
     if not main:
         distributed.barrier()  # until rank 0 has written the outputs
@@ -334,68 +334,3 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
         f"report.json, report.png")
     distributed.barrier()
     return vs
-
-
-def steering_sweep(model, tok, spec: TraitSpec, vectors: torch.Tensor, judge, out: Path, cfg: ExtractConfig,
-                   key: str, progress: bool) -> dict:
-    """Judged trait score and coherence of answers to the evaluation questions (no system
-    prompt) with the vector added at one layer, for each layer x alpha; plus the unsteered
-    baseline. Same sampling seed for every cell (common random numbers). Under a launcher,
-    cell ``c`` (baseline first) runs on rank ``c % world`` and every rank gets every result
-    (a collective call)."""
-    from ..handle import patch
-
-    L = vectors.shape[0]
-    layers = cfg.sweep_layers or default_sweep_layers(L)
-    bad = [l for l in layers if not 0 <= l < L]
-    if bad:
-        raise ValueError(f"sweep layers {bad} out of range [0, {L - 1}]")
-    questions = list(spec.eval_questions[:cfg.sweep_questions])
-    skey = settings_hash(key, list(map(float, vectors.flatten()[:64].tolist())), float(vectors.norm()))
-    gcache, jcache = RankedLog(out / f"sweep-{skey}.jsonl"), RankedLog(out / f"sweep-judged-{settings_hash(skey, judge.name)}.jsonl")
-    cells = [(None, 0.0)] + [(l, float(a)) for l in layers for a in cfg.sweep_alphas]
-    tags = ["base" if layer is None else f"{layer}:{alpha:g}" for layer, alpha in cells]
-    results = {}
-    with patch(model) as h:
-        for tag, (layer, alpha) in distributed.shard(list(zip(tags, cells))):   # one process: every cell
-            jobs = [{"id": f"s:{tag}:{q}", "layer": layer, "alpha": alpha, "q": q, "system": None,
-                     "question": question} for q, question in enumerate(questions)]
-            h.clear()
-            if layer is not None:
-                h.steer(vectors, alpha, layers=[layer], positions="response", name="sweep")
-            recs = list(generate_cached(model, tok, jobs, gcache, cfg.gen, progress,
-                                        desc=f"{spec.name}: sweep {tag}").values())
-            h.clear()
-            judge_cached(judge, spec, recs, jcache, progress=False)
-            results[tag] = {"trait": _mean(r["trait_score"] for r in recs),
-                            "coherence": _mean(r["coherence"] for r in recs),
-                            "n_scored": sum(r["trait_score"] is not None for r in recs),
-                            "example": recs[0]["answer"][:200]}
-    for part in distributed.gather(results):
-        results.update(part)
-    results = {t: results[t] for t in tags}   # in cell order, however the ranks shared them
-    return {"layers": layers, "alphas": list(map(float, cfg.sweep_alphas)), "questions": len(questions),
-            "positions": "response", "baseline": results["base"],
-            "cells": {k: v for k, v in results.items() if k != "base"}}
-
-
-def choose_layer(sweep: dict, floor: float) -> Tuple[int, Optional[float], str]:
-    """Largest mean trait rise over baseline among cells with coherence >= floor."""
-    base = sweep["baseline"]["trait"] or 0.0
-    best = None
-    for layer in sweep["layers"]:
-        for a in sweep["alphas"]:
-            c = sweep["cells"][f"{layer}:{a:g}"]
-            if c["trait"] is None or c["coherence"] is None or c["coherence"] < floor:
-                continue
-            rise = c["trait"] - base
-            if best is None or rise > best[0]:
-                best = (rise, layer, a)
-    if best is None:
-        cells = [(c["coherence"] or -1, k) for k, c in sweep["cells"].items()]
-        _, k = max(cells)
-        layer, a = k.split(":")
-        return int(layer), float(a), (f"no sweep cell kept coherence >= {floor}; chose the most coherent "
-                                      f"steered cell")
-    return best[1], best[2], (f"largest judged trait rise over the unsteered baseline ({best[0]:+.1f}) "
-                              f"with mean coherence >= {floor}")
