@@ -49,6 +49,7 @@ from ..vectors import PersonaVector, VectorSet, model_fingerprint
 from ..state import KINDS
 from .generate import ActStore, GenSettings, RankedLog, generate_cached, settings_hash
 from .spec import TraitSpec, load_spec
+from .sweep import ENGINES as SWEEP_ENGINES
 from .sweep import choose_layer, default_sweep_layers, steering_sweep  # noqa: F401 (re-exported)
 
 
@@ -182,8 +183,8 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
     cfg = cfg or ExtractConfig()
     if cfg.judge_chunk < 1:   # checked here, not after generating everything
         raise ValueError(f"judge_chunk must be at least 1, got {cfg.judge_chunk}")
-    if cfg.sweep_engine not in ("hf", "vllm"):
-        raise ValueError(f"sweep_engine must be 'hf' or 'vllm', got {cfg.sweep_engine!r}")
+    if cfg.sweep_engine not in SWEEP_ENGINES:
+        raise ValueError(f"sweep engine must be one of {SWEEP_ENGINES}, got {cfg.sweep_engine!r}")
     main = distributed.is_main()
     if not main:
         progress, log = False, (lambda s: None)

@@ -2,7 +2,7 @@
 
 ``steering_engine(model, vector_file)`` starts a ``vllm.LLM`` on the Hugging Face model's folder
 (same dtype) with personakern's plugin serving the traits of ``vector_file``;
-``generate_vllm_cached(llm, tok, jobs, cache, settings)`` answers every job not yet in ``cache``
+``generate_vllm_cached(llm, tok, model, jobs, cache, settings)`` answers every job not yet in ``cache``
 (each job may carry ``"spec"``, a personakern SPEC, and ``"seed"``, its sampling seed), in chunks
 appended to the cache as they finish, so a killed run resumes. Prompts are the same chat-template
 ids as the HF engine's; answers are cut at the first EOS and decoded the same way, and the
@@ -77,17 +77,18 @@ def sampling_params(settings: GenSettings, eos: set, seed: Optional[int], spec: 
     return SamplingParams(**kw)
 
 
-def generate_vllm_cached(llm, tok, jobs: Sequence[dict], cache, settings: GenSettings, progress: bool = True,
-                         desc: str = "generating (vLLM)", model=None) -> Dict[str, dict]:
-    """Answer every job not yet in ``cache`` on ``llm``; returns ``{id: record}`` for all jobs
-    (records: the job minus ``spec``/``seed``, plus ``"answer"``)."""
+def generate_vllm_cached(llm, tok, model, jobs: Sequence[dict], cache, settings: GenSettings, progress: bool = True,
+                         desc: str = "generating (vLLM)") -> Dict[str, dict]:
+    """Answer every job not yet in ``cache`` on ``llm`` (an engine on ``model``'s folder: its
+    EOS ids are the HF engine's); returns ``{id: record}`` for all jobs (records: the job minus
+    ``spec``/``seed``, plus ``"answer"``)."""
     from vllm import TokensPrompt
     ids = [j["id"] for j in jobs]
     if len(set(ids)) != len(ids):
         raise ValueError("job ids must be unique")
     done = {r["id"]: r for r in cache if "id" in r}
     todo = [j for j in jobs if j["id"] not in done]
-    eos = _eos(llm, tok, model)
+    eos = eos_ids(model, tok)
     bar = tqdm(total=len(todo), desc=desc, unit="answer", disable=not progress or not todo)
     for i in range(0, len(todo), CHUNK):
         part = todo[i:i + CHUNK]
@@ -107,15 +108,3 @@ def generate_vllm_cached(llm, tok, jobs: Sequence[dict], cache, settings: GenSet
     bar.close()
     return {i: done[i] for i in ids}
 
-
-def _eos(llm, tok, model) -> set:
-    if model is not None:
-        return eos_ids(model, tok)
-    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    try:
-        gen = llm.llm_engine.model_config.try_get_generation_config()
-        e = gen.get("eos_token_id")
-        eos |= set([e] if isinstance(e, int) else (e or []))
-    except Exception:   # pragma: no cover - another vLLM
-        pass
-    return eos
