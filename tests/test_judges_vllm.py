@@ -135,6 +135,7 @@ def test_cli_takes_the_engine():
     from personakern.cli.main import build_parser
     args = build_parser().parse_args(["extract", "--judge", "llm", "--judge-engine", "vllm"])
     assert (args.judge, args.judge_engine) == ("llm", "vllm")
-    assert build_parser().parse_args(["extract"]).judge_engine == "hf"
+    args = build_parser().parse_args(["extract"])
+    assert (args.engine, args.judge_engine or args.engine, args.sweep_engine or args.engine) == ("hf",) * 3
     with pytest.raises(SystemExit):
         build_parser().parse_args(["extract", "--judge-engine", "cuda"])

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from vllm_support import BASE_ENV, TRAITS_FILE, _hf_model, require_vllm
+from vllm_support import TRAITS_FILE, _hf_model, in_process_env, require_vllm
 
 require_vllm()
 pytestmark = pytest.mark.slow
@@ -33,10 +33,7 @@ class ChecksumJudge:
 
 @pytest.fixture(autouse=True)
 def _env(monkeypatch):
-    for k, v in BASE_ENV.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    monkeypatch.delenv("PERSONAKERN_VECTORS", raising=False)
+    in_process_env(monkeypatch)
 
 
 def cfg(temperature=0.0, tokens=16):

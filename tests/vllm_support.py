@@ -48,6 +48,16 @@ def chat_ids(tok, prompts=PROMPTS) -> list[list[int]]:
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
+def in_process_env(monkeypatch) -> None:
+    """The environment of a test that starts engines in its own process (monkeypatched: undone
+    after the test): the base settings, no engine-core process, no vectors, no capture."""
+    for k, v in BASE_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.delenv("PERSONAKERN_VECTORS", raising=False)
+    monkeypatch.delenv("PERSONAKERN_VLLM_CAPTURE", raising=False)
+
+
 def in_process_llm(model: str, vectors, **kwargs):
     """An engine in this process; ``vectors`` is the PERSONAKERN_VECTORS value (None: unset,
     which only makes a plain engine if the plugin has not registered yet in this process)."""

@@ -98,7 +98,8 @@ def cmd_extract(args):
     model, tok = _load(args)
     if launched:
         model.to(distributed.local_device())
-    judge = make_judge(args.judge, model=model, tokenizer=tok, engine=args.judge_engine, **_judge_kw(args))
+    judge = make_judge(args.judge, model=model, tokenizer=tok, engine=args.judge_engine or args.engine,
+                       **_judge_kw(args))
     cfg = ExtractConfig(
         n_per_question=args.n, gen=GenSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                                batch_size=args.batch_size, seed=args.seed),
@@ -106,7 +107,7 @@ def cmd_extract(args):
         coherence_threshold=args.coherence_threshold, min_kept=args.min_kept,
         sweep_layers=args.sweep_layers, sweep_alphas=tuple(args.sweep_alphas),
         sweep_questions=args.sweep_questions, heldout_pairs=args.heldout_pairs, coherence_floor=args.coherence_floor, sweep=not args.no_sweep,
-        sweep_engine=args.sweep_engine, judge_chunk=args.judge_chunk)
+        engine=args.engine, sweep_engine=args.sweep_engine or args.engine, judge_chunk=args.judge_chunk)
     out = Path(args.out or f"personakern-runs/{spec.name}-{_slug(args.model)}")
     try:
         vs = extract(model, tok, spec, judge, out, cfg, progress=not args.quiet,
@@ -199,9 +200,14 @@ def register(sub) -> None:
     e.add_argument("--model", default="smollm2")
     e.add_argument("--backend", default=None)
     e.add_argument("--judge", default="default", help="default (likelihood) | llm | likelihood | embedding | http | 'trait=KIND;coherence=KIND'")
-    e.add_argument("--judge-engine", default="hf", choices=["hf", "vllm"],
-                   help="what runs the llm/likelihood judges: hf (the extracted model in this process, default) "
-                        "or vllm (a vLLM engine on the same model folder, or --judge-model; same scores)")
+    e.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                   help="what generates the answers and gathers their activations: hf (generate() in this "
+                        "process, default) or vllm (a vLLM engine on the model folder: faster, needs vLLM); "
+                        "also the default of --judge-engine and --sweep-engine")
+    e.add_argument("--judge-engine", default=None, choices=["hf", "vllm"],
+                   help="what runs the llm/likelihood judges: hf (the extracted model in this process) "
+                        "or vllm (a vLLM engine on the same model folder, or --judge-model; same scores); "
+                        "default: --engine")
     e.add_argument("--judge-url", default=None, help="http judge: OpenAI-compatible base URL")
     e.add_argument("--judge-model", default=None, help="http judge: model name; llm/likelihood judge: a local model to judge with "
                         "(default: the extracted model)")
@@ -222,9 +228,10 @@ def register(sub) -> None:
     e.add_argument("--sweep-layers", type=int, nargs="*", default=None)
     e.add_argument("--sweep-alphas", type=float, nargs="*", default=[2.0, 4.0, 6.0, 8.0])
     e.add_argument("--sweep-questions", type=int, default=20)
-    e.add_argument("--sweep-engine", default="hf", choices=["hf", "vllm"],
-                   help="what generates the steering sweep's answers: hf (one generate() per cell, default) or "
-                        "vllm (every cell as one batch of per-request steering configs on a vLLM engine)")
+    e.add_argument("--sweep-engine", default=None, choices=["hf", "vllm"],
+                   help="what generates the steering sweep's answers: hf (one generate() per cell) or "
+                        "vllm (every cell as one batch of per-request steering configs on a vLLM engine); "
+                        "default: --engine")
     e.add_argument("--heldout-pairs", type=int, default=3,
                    help="held-out answers per evaluation question and side, one per instruction pair (default 3)")
     e.add_argument("--coherence-floor", type=float, default=50.0)

@@ -136,6 +136,11 @@ class ActStore:
                 out.update(sf.keys())
         return out
 
+    def next_index(self) -> int:
+        """An index no file of this store has yet (for writers whose units are not fixed batches)."""
+        taken = [int(f.stem[1:]) for f in self.dir.glob("b*.safetensors") if f.stem[1:].isdigit()]
+        return max(taken, default=-1) + 1
+
     def write(self, b: int, rows: Dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save
         from ..utils import atomic_write_bytes

@@ -74,6 +74,7 @@ class ExtractConfig:
                                           # instruction pair, up to this many pairs
     coherence_floor: float = 50.0
     sweep: bool = True
+    engine: str = "hf"                    # what generates the answers and gathers activations: "hf" | "vllm"
     sweep_engine: str = "hf"              # "vllm": every cell in one batch on a vLLM engine
     judge_chunk: int = 64                 # answers per judge call; under a launcher, the unit the
                                           # ranks share (smaller: finer balance, smaller judge batches)
@@ -183,8 +184,12 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
     cfg = cfg or ExtractConfig()
     if cfg.judge_chunk < 1:   # checked here, not after generating everything
         raise ValueError(f"judge_chunk must be at least 1, got {cfg.judge_chunk}")
-    if cfg.sweep_engine not in SWEEP_ENGINES:
-        raise ValueError(f"sweep engine must be one of {SWEEP_ENGINES}, got {cfg.sweep_engine!r}")
+    for what, value in (("engine", cfg.engine), ("sweep engine", cfg.sweep_engine)):
+        if value not in SWEEP_ENGINES:
+            raise ValueError(f"{what} must be one of {SWEEP_ENGINES}, got {value!r}")
+    if cfg.engine == "vllm" and distributed.world_size() > 1:
+        raise ValueError("engine='vllm' runs in one process (vLLM batches the work itself); run it without "
+                         "torchrun/accelerate, or use engine='hf' under a launcher")
     main = distributed.is_main()
     if not main:
         progress, log = False, (lambda s: None)
@@ -196,21 +201,29 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
     times = {}
     t0 = time.perf_counter()
     key = settings_hash(fp, spec.hash, cfg.gen.to_dict(), cfg.n_per_question)
+    if cfg.engine != "hf":   # sampled answers depend on the engine: a cache of its own
+        key = settings_hash(key, cfg.engine)
 
-    # 1. generate
+    # 1. generate (answers and their activation means)
     store = ActStore(out / f"acts-{key}")
-    recs = generate_cached(model, tok, _jobs(spec, cfg.n_per_question), RankedLog(out / f"answers-{key}.jsonl"),
-                           cfg.gen, progress, desc=f"{spec.name}: answers", acts=store, shard=True)
-    stores = {r: store for r in recs}
+    runs = [(_jobs(spec, cfg.n_per_question), RankedLog(out / f"answers-{key}.jsonl"), cfg.gen,
+             f"{spec.name}: answers", store)]
     extra = _heldout_extra(spec, cfg.heldout_pairs)
     if extra:
         hkey = settings_hash(key, "heldout-extra", cfg.heldout_pairs)
-        hstore = ActStore(out / f"acts-heldout-{hkey}")
         hgen = replace(cfg.gen, seed=cfg.gen.seed + 1)  # other batch seeds than the main cache's
-        hrecs = generate_cached(model, tok, extra, RankedLog(out / f"heldout-{hkey}.jsonl"), hgen, progress,
-                                desc=f"{spec.name}: more held-out answers", acts=hstore, shard=True)
-        recs.update(hrecs)
-        stores.update((r, hstore) for r in hrecs)
+        runs.append((extra, RankedLog(out / f"heldout-{hkey}.jsonl"), hgen, f"{spec.name}: more held-out answers",
+                     ActStore(out / f"acts-heldout-{hkey}")))
+    if cfg.engine == "vllm":
+        from .vllm_generate import generate_runs_vllm
+        results = generate_runs_vllm(model, tok, runs, progress)
+    else:
+        results = [generate_cached(model, tok, jobs, cache, gen, progress, desc=desc, acts=st, shard=True)
+                   for jobs, cache, gen, desc, st in runs]
+    recs, stores = {}, {}
+    for got, run in zip(results, runs):
+        recs.update(got)
+        stores.update((r, run[4]) for r in got)
     records = [r for r in recs.values()]
     times["generate_s"] = time.perf_counter() - t0
 

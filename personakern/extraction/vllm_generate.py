@@ -16,7 +16,8 @@ from typing import Dict, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from .generate import GenSettings, chat_ids, eos_ids
+from ..state import KINDS
+from .generate import GenSettings, batch_seed, chat_ids, eos_ids
 
 #: requests per ``generate`` call: what a kill can lose; vLLM batches within a call
 CHUNK = 512
@@ -32,9 +33,10 @@ def _model_folder(model) -> str:
 
 
 @contextlib.contextmanager
-def steering_engine(model, vector_file, **overrides):
+def steering_engine(model, vector_file=None, capture: bool = False, **overrides):
     """A vLLM engine on ``model``'s folder and dtype with ``$PERSONAKERN_VECTORS`` = ``vector_file``
-    while it starts (the plugin reads it then; the variable is restored after), shut down on exit.
+    (None: no vectors) and ``$PERSONAKERN_VLLM_CAPTURE`` = ``capture`` while it starts (the plugin
+    reads them then; both are restored after), shut down on exit.
 
     Chunked prefill is off and a step holds a whole prompt: vLLM 0.32 on CPUs fails on a seeded
     request whose prompt is split over two steps ("CPU Generator does not use offset", when it
@@ -45,15 +47,17 @@ def steering_engine(model, vector_file, **overrides):
     overrides.setdefault("max_num_batched_tokens", overrides.get("max_model_len", DEFAULTS["max_model_len"]))
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     folder = _model_folder(model)
-    old = os.environ.get("PERSONAKERN_VECTORS")
-    os.environ["PERSONAKERN_VECTORS"] = str(vector_file)
+    from ..vllm.capture import CAPTURE_ENV
+    want = {"PERSONAKERN_VECTORS": None if vector_file is None else str(vector_file),
+            CAPTURE_ENV: "1" if capture else None}
+    old = {k: os.environ.get(k) for k in want}
     try:
+        for k, v in want.items():
+            _setenv(k, v)
         llm = make_llm(folder, dtype=dtype, **overrides)
     finally:
-        if old is None:
-            os.environ.pop("PERSONAKERN_VECTORS", None)
-        else:
-            os.environ["PERSONAKERN_VECTORS"] = old
+        for k, v in old.items():
+            _setenv(k, v)
     try:
         yield llm
     finally:
@@ -64,9 +68,17 @@ def steering_engine(model, vector_file, **overrides):
         del llm
 
 
-def sampling_params(settings: GenSettings, eos: set, seed: Optional[int], spec: Optional[dict]):
+def _setenv(key: str, value: Optional[str]) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+
+
+def sampling_params(settings: GenSettings, eos: set, seed: Optional[int], spec: Optional[dict],
+                    extra_tokens: int = 0):
     from vllm import SamplingParams
-    kw = dict(max_tokens=settings.max_new_tokens, repetition_penalty=settings.repetition_penalty,
+    kw = dict(max_tokens=settings.max_new_tokens + extra_tokens, repetition_penalty=settings.repetition_penalty,
               stop_token_ids=sorted(eos), skip_special_tokens=True, detokenize=False)
     if settings.temperature > 0:
         kw.update(temperature=settings.temperature, top_p=settings.top_p, seed=seed)
@@ -78,33 +90,83 @@ def sampling_params(settings: GenSettings, eos: set, seed: Optional[int], spec: 
 
 
 def generate_vllm_cached(llm, tok, model, jobs: Sequence[dict], cache, settings: GenSettings, progress: bool = True,
-                         desc: str = "generating (vLLM)") -> Dict[str, dict]:
+                         desc: str = "generating (vLLM)", acts=None) -> Dict[str, dict]:
     """Answer every job not yet in ``cache`` on ``llm`` (an engine on ``model``'s folder: its
     EOS ids are the HF engine's); returns ``{id: record}`` for all jobs (records: the job minus
-    ``spec``/``seed``, plus ``"answer"``)."""
+    ``spec``/``seed``, plus ``"answer"``).
+
+    ``acts`` (an :class:`~personakern.extraction.generate.ActStore`; the engine started with
+    ``capture=True``): each answer's ``[3, L, D]`` activation means (response, prompt, last prompt
+    token; :data:`~personakern.state.KINDS`) are gathered by the engine while it generates and
+    stored per chunk, before the chunk's records; a job is done when both exist. As on the HF
+    engine, one token more than ``max_new_tokens`` is generated so that the last answer token is
+    fed (and averaged); the answer is the first ``max_new_tokens``."""
     from vllm import TokensPrompt
+    from ..vllm import captured
     ids = [j["id"] for j in jobs]
     if len(set(ids)) != len(ids):
         raise ValueError("job ids must be unique")
     done = {r["id"]: r for r in cache if "id" in r}
-    todo = [j for j in jobs if j["id"] not in done]
+    have = acts.ids() if acts is not None else None
+    todo = [j for j in jobs if j["id"] not in done or (have is not None and j["id"] not in have)]
     eos = eos_ids(model, tok)
+    M = settings.max_new_tokens
     bar = tqdm(total=len(todo), desc=desc, unit="answer", disable=not progress or not todo)
     for i in range(0, len(todo), CHUNK):
         part = todo[i:i + CHUNK]
         prompts = [TokensPrompt(prompt_token_ids=chat_ids(tok, j.get("system"), j["question"])) for j in part]
-        params = [sampling_params(settings, eos, j.get("seed"), j.get("spec")) for j in part]
+        params = [sampling_params(settings, eos, j.get("seed"), _with_capture(j.get("spec"), acts is not None),
+                                  extra_tokens=int(acts is not None)) for j in part]
         outs = llm.generate(prompts, params, use_tqdm=False)
+        if acts is not None:
+            rows = {}
+            for j, o in zip(part, outs):
+                got = captured(o)
+                if got is None:
+                    raise RuntimeError("personakern: the vLLM engine returned no activations; start it with "
+                                       "steering_engine(..., capture=True)")
+                rows[j["id"]] = got["means"].transpose(0, 1).contiguous()       # [3, L, D]
+            acts.write(acts.next_index(), rows)
         new = []
         for j, o in zip(part, outs):
-            row = list(o.outputs[0].token_ids)
+            row = list(o.outputs[0].token_ids)[:M]
             cut = next((k for k, t in enumerate(row) if t in eos), len(row))
             rec = {k: v for k, v in j.items() if k not in ("spec", "seed")}
             rec["answer"] = tok.decode(row[:cut], skip_special_tokens=True).strip()
-            new.append(rec)
+            if j["id"] not in done:
+                new.append(rec)
         cache.append(new)
         done.update((r["id"], r) for r in new)
         bar.update(len(part))
     bar.close()
     return {i: done[i] for i in ids}
 
+
+def _with_capture(spec: Optional[dict], capture: bool) -> Optional[dict]:
+    if not capture:
+        return spec
+    return dict(spec or {}, capture={"kinds": list(KINDS), "layers": "all"})
+
+
+
+def generate_runs_vllm(model, tok, runs, progress: bool = True) -> list:
+    """The extraction's generation on one vLLM engine that gathers activations: ``runs`` are
+    ``(jobs, cache, settings, desc, acts)`` as for :func:`generate_vllm_cached`; returns each
+    run's ``{id: record}``. Sampled answers take per-request seeds, ``batch_seed(settings.seed,
+    i)`` for the run's ``i``-th job, so a resumed run draws what an uninterrupted one did. No
+    engine starts when every answer is already cached."""
+    def pending(jobs, cache, acts):
+        done, have = {r["id"] for r in cache if "id" in r}, acts.ids()
+        return any(j["id"] not in done or j["id"] not in have for j in jobs)
+
+    def seeded(jobs, settings):
+        if settings.temperature <= 0:
+            return jobs
+        return [dict(j, seed=batch_seed(settings.seed, i)) for i, j in enumerate(jobs)]
+
+    if not any(pending(jobs, cache, acts) for jobs, cache, _, _, acts in runs):
+        return [generate_vllm_cached(None, tok, model, jobs, cache, st, progress, desc, acts)
+                for jobs, cache, st, desc, acts in runs]
+    with steering_engine(model, capture=True) as llm:
+        return [generate_vllm_cached(llm, tok, model, seeded(jobs, st), cache, st, progress, desc, acts)
+                for jobs, cache, st, desc, acts in runs]

@@ -23,7 +23,8 @@ from .plan import build_plan
 from .results import ReadingsStore
 from .spec import SpecError, spec_of
 from .tables import StepTables
-from .vectors import load_engine_vectors
+from .capture import CaptureTables
+from .vectors import engine_vectors
 
 WHEN_SLOTS_ENV = "PERSONAKERN_VLLM_WHEN_SLOTS"
 
@@ -32,17 +33,24 @@ class PersonaNorm(nn.Module):
     """The fused residual-add + RMSNorm after block ``block``; holds the same ``weight``
     parameter (and name) as the norm it replaces, so checkpoints load unchanged."""
 
-    def __init__(self, norm: nn.Module, block: int, tables: StepTables):
+    def __init__(self, norm: nn.Module, block: int, tables: StepTables, capture: Optional[CaptureTables] = None):
         super().__init__()
         self.weight = norm.weight
         self.variance_epsilon = float(norm.variance_epsilon)
         self.block = block
         self.tables = tables
+        self.capture = capture
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         if residual is None:  # not a block output (first layer's input): plain norm
             return self.tables.ops.rms_norm(x, self.weight, self.variance_epsilon)
-        return self.tables.apply(self.block, residual, x, self.weight, self.variance_epsilon)
+        normed, out = self.tables.apply(self.block, residual, x, self.weight, self.variance_epsilon)
+        cap = self.capture
+        # the compiled graph always holds the capture (a trace cannot branch per step); eager
+        # mode skips it in steps where no request captures
+        if cap is not None and (cap.step_active or torch.compiler.is_compiling()):
+            cap.add(self.block, out)
+        return normed, out
 
 
 class PersonaEngine:
@@ -50,7 +58,7 @@ class PersonaEngine:
 
     def __init__(self, vllm_config, device: torch.device, dtype: torch.dtype):
         hf_config = vllm_config.model_config.hf_config
-        self.vectors = load_engine_vectors(hf_config)
+        self.vectors = engine_vectors(hf_config)
         self.catalog = self.vectors.catalog
         self.gated_slots = int(os.environ.get(WHEN_SLOTS_ENV, str(self.vectors.num_traits)))
         sched = vllm_config.scheduler_config
@@ -58,6 +66,9 @@ class PersonaEngine:
         self.ops = ops_dispatch.select_backend(device, dtype)
         self.tables = StepTables(self.vectors.vectors, max_tokens, self.gated_slots, device, self.ops)
         self.store = ReadingsStore(self.catalog.num_layers, len(self.catalog.traits))
+        # capture slots: one per request the scheduler may run at once
+        self.capture = CaptureTables(self.catalog.num_layers, self.vectors.vectors.shape[-1],
+                                     int(sched.max_num_seqs), max_tokens, device) if self.catalog.capture else None
         self._runner = None
         self._plans: dict[str, tuple] = {}   # req id -> (extra_args object, plan or None)
         self._step = None                    # what end_step needs from begin_step
@@ -71,13 +82,13 @@ class PersonaEngine:
         self._step = None
         batch = getattr(runner, "input_batch", None)
         n_reqs = int(getattr(batch, "num_reqs", 0) or 0)
-        if runner is None or n_reqs == 0:
+        if runner is None or n_reqs == 0 or int(runner.query_start_loc.np[n_reqs]) > num_tokens:
+            # no request, or a dummy/profile run reusing stale runner state
             self.tables.fill([], np.zeros(0), np.zeros(0), np.zeros(0), num_tokens)
+            if self.capture is not None:
+                self.capture.fill([], [], np.zeros(0), np.zeros(0), np.zeros(0), num_tokens)
             return
         qsl = np.asarray(runner.query_start_loc.np[:n_reqs + 1], dtype=np.int64)
-        if int(qsl[-1]) > num_tokens:  # a dummy/profile run reusing stale runner state
-            self.tables.fill([], np.zeros(0), np.zeros(0), np.zeros(0), num_tokens)
-            return
         req_ids = list(batch.req_ids[:n_reqs])
         plans = [self._plan(rid, runner.requests.get(rid)) for rid in req_ids]
         counts = np.diff(qsl)
@@ -85,6 +96,8 @@ class PersonaEngine:
         prompt = np.array([getattr(runner.requests.get(rid), "num_prompt_tokens", 0) for rid in req_ids],
                           dtype=np.int64)
         self.tables.fill(plans, counts, start, prompt, num_tokens)
+        if self.capture is not None:
+            self.capture.fill(req_ids, plans, counts, start, prompt, num_tokens)
         if any(p is not None and p.monitors for p in plans):
             self._step = (req_ids, plans, qsl, start, prompt)
         live = set(runner.requests)
@@ -92,6 +105,13 @@ class PersonaEngine:
             for rid in [r for r in self._plans if r not in live]:
                 del self._plans[rid]
         self.store.retire(live)
+        if self.capture is not None:
+            self.capture.retire(live)
+
+    def take_capture(self, ids) -> dict:
+        if self.capture is None:
+            return {}
+        return self.capture.take(ids)
 
     def end_step(self) -> None:
         if self._step is None:
@@ -136,7 +156,7 @@ class PersonaModelMixin:
                              "(pipeline_parallel_size must be 1)")
         param = next(self.parameters())
         self.personakern = PersonaEngine(vllm_config, param.device, param.dtype)
-        tables = self.personakern.tables
+        tables, capture = self.personakern.tables, self.personakern.capture
         decoder = self.model
         layers = decoder.layers
         n = len(layers)
@@ -144,8 +164,8 @@ class PersonaModelMixin:
             raise ValueError(f"personakern: the model has {n} decoder layers, the vectors "
                              f"{self.personakern.catalog.num_layers}")
         for i in range(1, n):
-            layers[i].input_layernorm = PersonaNorm(layers[i].input_layernorm, i - 1, tables)
-        decoder.norm = PersonaNorm(decoder.norm, n - 1, tables)
+            layers[i].input_layernorm = PersonaNorm(layers[i].input_layernorm, i - 1, tables, capture)
+        decoder.norm = PersonaNorm(decoder.norm, n - 1, tables, capture)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         ref = input_ids if input_ids is not None else inputs_embeds

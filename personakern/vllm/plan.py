@@ -33,6 +33,8 @@ class RequestPlan:
     hi: np.ndarray = None
     monitor_traits: tuple = ()            # indices into the catalog's traits
     monitor_layers: tuple = ()
+    capture_kinds: tuple = ()             # names, personakern.state.KINDS order not required
+    capture_layers: tuple = ()
 
     @property
     def steers(self) -> bool:
@@ -41,6 +43,10 @@ class RequestPlan:
     @property
     def monitors(self) -> bool:
         return self.spec.monitors
+
+    @property
+    def captures(self) -> bool:
+        return self.spec.captures
 
 
 def build_plan(spec: Spec, catalog: Catalog, gated_slots: int) -> RequestPlan:
@@ -83,4 +89,4 @@ def build_plan(spec: Spec, catalog: Catalog, gated_slots: int) -> RequestPlan:
                         f"has {gated_slots} conditional columns (PERSONAKERN_VLLM_WHEN_SLOTS)")
     mon_t = tuple(catalog.index(t) for t in spec.monitor_traits)
     return RequestPlan(spec, coef, [GatedEntry(k, v) for k, v in gated.items()], lo, hi,
-                       mon_t, tuple(spec.monitor_layers))
+                       mon_t, tuple(spec.monitor_layers), tuple(spec.capture_kinds), tuple(spec.capture_layers))

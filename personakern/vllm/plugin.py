@@ -30,7 +30,8 @@ import logging
 from collections import OrderedDict
 
 from .results import RPC_TAKE
-from .vectors import SUPPORTED_ARCHITECTURES, check_architecture, configured_paths, load_engine_vectors
+from .capture import RPC_TAKE_CAPTURE
+from .vectors import SUPPORTED_ARCHITECTURES, check_architecture, engine_vectors, plugin_wanted
 
 log = logging.getLogger("personakern.vllm")
 _patched = False
@@ -62,11 +63,11 @@ def sync_architectures() -> None:
     from vllm import ModelRegistry
     models = getattr(ModelRegistry, "models", None)
     if models is None:   # another vLLM: register and never restore
-        if configured_paths():
+        if plugin_wanted():
             for arch in SUPPORTED_ARCHITECTURES:
                 ModelRegistry.register_model(arch, f"personakern.vllm.model:Persona{arch}")
         return
-    want = bool(configured_paths())
+    want = plugin_wanted()
     if want == bool(_originals):
         return
     if want:
@@ -110,9 +111,9 @@ def _patch_worker() -> None:
         from .model import PersonaModelMixin
         model = _persona_model(self.model_runner.get_model())
         if not isinstance(model, PersonaModelMixin):
-            if not configured_paths():
+            if not plugin_wanted():
                 return out   # a plain engine
-            raise RuntimeError(f"personakern: $PERSONAKERN_VECTORS is set but the model class is "
+            raise RuntimeError(f"personakern: $PERSONAKERN_VECTORS or $PERSONAKERN_VLLM_CAPTURE is set but the model class is "
                                f"{type(model).__name__}, not a personakern class; supported architectures: "
                                f"{list(SUPPORTED_ARCHITECTURES)}")
         model.personakern.attach(self.model_runner)
@@ -120,6 +121,7 @@ def _patch_worker() -> None:
 
     gpu_worker.Worker.load_model = load_model
     setattr(worker_base.WorkerBase, RPC_TAKE, _take_readings)
+    setattr(worker_base.WorkerBase, RPC_TAKE_CAPTURE, _take_capture)
 
 
 def _persona_model(model):
@@ -139,21 +141,27 @@ def _take_readings(self, ids):
     return model.personakern.store.take(list(ids))
 
 
+def _take_capture(self, ids):
+    model = _persona_model(self.model_runner.get_model())
+    return model.personakern.take_capture(list(ids))
+
+
 # ---------------------------------------------------------------------------- accepting side
 class _Monitored:
-    """Request ids (external) whose SPEC monitors, bounded: only to know what to fetch."""
+    """Request ids (external) whose SPEC monitors or captures, bounded: only to know what to
+    fetch. ``pop`` answers ``(monitors, captures)``."""
 
     def __init__(self, keep: int = 65536):
-        self.ids: "OrderedDict[str, None]" = OrderedDict()
+        self.ids: "OrderedDict[str, tuple]" = OrderedDict()
         self.keep = keep
 
-    def add(self, rid: str) -> None:
-        self.ids[rid] = None
+    def add(self, rid: str, monitors: bool = True, captures: bool = False) -> None:
+        self.ids[rid] = (monitors, captures)
         while len(self.ids) > self.keep:
             self.ids.popitem(last=False)
 
-    def pop(self, rid: str) -> bool:
-        return self.ids.pop(rid, 0) is None
+    def pop(self, rid: str) -> tuple:
+        return self.ids.pop(rid, (False, False))
 
 
 def _patch_input_processor() -> None:
@@ -163,10 +171,10 @@ def _patch_input_processor() -> None:
     @functools.wraps(init)
     def __init__(self, vllm_config, *args, **kwargs):
         self.personakern_catalog = self.personakern_monitored = None
-        if configured_paths():
+        if plugin_wanted():
             hf_config = vllm_config.model_config.hf_config
             check_architecture(hf_config)
-            self.personakern_catalog = load_engine_vectors(hf_config).catalog
+            self.personakern_catalog = engine_vectors(hf_config).catalog
             self.personakern_monitored = _Monitored()
         init(self, vllm_config, *args, **kwargs)
 
@@ -195,8 +203,8 @@ def _validated_spec(processor, params):
     import os
     build_plan(spec, processor.personakern_catalog,
                int(os.environ.get(WHEN_SLOTS_ENV, str(len(processor.personakern_catalog.traits)))))
-    if getattr(params, "n", 1) != 1 and spec.monitors:
-        raise ValueError("personakern: monitoring needs n=1 (one sequence per request)")
+    if getattr(params, "n", 1) != 1 and (spec.monitors or spec.captures):
+        raise ValueError("personakern: monitoring and capture need n=1 (one sequence per request)")
     return spec
 
 
@@ -209,9 +217,9 @@ def _mark(processor, request, spec) -> None:
     salt = spec.steering_salt()
     if salt is not None:
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
-    if spec.monitors:
+    if spec.monitors or spec.captures:
         params.skip_reading_prefix_cache = True
-        processor.personakern_monitored.add(request.request_id)
+        processor.personakern_monitored.add(request.request_id, spec.monitors, spec.captures)
 
 
 # ---------------------------------------------------------------------------- offline results
@@ -237,10 +245,15 @@ def attach_readings(llm, outputs) -> None:
     monitored = getattr(processor, "personakern_monitored", None)
     if monitored is None:
         return
-    ids = [o.request_id for o in outputs if monitored.pop(o.request_id)]
-    if not ids:
-        return
-    got = first_rank(llm.collective_rpc(RPC_TAKE, args=(ids,)))
-    for o in outputs:
-        if o.request_id in got:
-            o.personakern = to_readings(got[o.request_id])
+    from .capture import to_capture
+    wants = {o.request_id: monitored.pop(o.request_id) for o in outputs}
+    # readings (monitored requests) and captured means, each fetched with one call if any
+    for which, rpc, convert, attr in ((0, RPC_TAKE, to_readings, "personakern"),
+                                      (1, RPC_TAKE_CAPTURE, to_capture, "personakern_capture")):
+        ids = [r for r, want in wants.items() if want[which]]
+        if not ids:
+            continue
+        got = first_rank(llm.collective_rpc(rpc, args=(ids,)))
+        for o in outputs:
+            if o.request_id in got:
+                setattr(o, attr, convert(got[o.request_id]))

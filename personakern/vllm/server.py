@@ -64,6 +64,9 @@ def _validate(serving, raw):
     if catalog is None:
         raise no_vectors_error()
     spec = parse_spec(raw, catalog)
+    if spec.captures:
+        raise SpecError(f"{KEY}.capture: activation capture is offered offline only (LLM.generate, "
+                        f"personakern.vllm.captured), not by the server")
     build_plan(spec, catalog, int(os.environ.get(WHEN_SLOTS_ENV, str(len(catalog.traits)))))
     return spec
 

@@ -22,11 +22,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..state import KINDS as CAPTURE_KINDS
 from ..state import POSITION_MODES
 
 KEY = "personakern"  # the key in SamplingParams.extra_args / vllm_xargs
 _STEER_FIELDS = {"trait", "alpha", "layers", "positions", "cap", "ablate", "when"}
 _MONITOR_FIELDS = {"traits", "layers"}
+_CAPTURE_FIELDS = {"kinds", "layers"}
 
 
 class SpecError(ValueError):
@@ -48,6 +50,7 @@ class Catalog:
     num_layers: int
     recommended: dict            # trait -> int or None
     zero_layers: dict            # trait -> frozenset of layers with a zero vector
+    capture: bool = False        # the engine gathers activations ($PERSONAKERN_VLLM_CAPTURE=1)
 
     def index(self, trait: str) -> int:
         return self.traits.index(trait)
@@ -76,6 +79,8 @@ class Spec:
     steer: tuple[SteerEntry, ...] = ()
     monitor_traits: tuple[str, ...] = ()
     monitor_layers: tuple[int, ...] = ()
+    capture_kinds: tuple[str, ...] = ()
+    capture_layers: tuple[int, ...] = ()
 
     @property
     def steers(self) -> bool:
@@ -86,8 +91,12 @@ class Spec:
         return bool(self.monitor_traits)
 
     @property
+    def captures(self) -> bool:
+        return bool(self.capture_kinds)
+
+    @property
     def empty(self) -> bool:
-        return not self.steers and not self.monitors
+        return not self.steers and not self.monitors and not self.captures
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {}
@@ -95,6 +104,8 @@ class Spec:
             out["steer"] = [e.to_json() for e in self.steer]
         if self.monitor_traits:
             out["monitor"] = {"traits": list(self.monitor_traits), "layers": list(self.monitor_layers)}
+        if self.capture_kinds:
+            out["capture"] = {"kinds": list(self.capture_kinds), "layers": list(self.capture_layers)}
         return out
 
     def steering_salt(self) -> Optional[str]:
@@ -123,11 +134,11 @@ def parse_spec(raw: Any, catalog: Catalog) -> Spec:
     if raw is None:
         return Spec()
     if not isinstance(raw, dict):
-        raise SpecError(f"{KEY}: the SPEC must be a JSON object with 'steer' and/or 'monitor', "
+        raise SpecError(f"{KEY}: the SPEC must be a JSON object with 'steer', 'monitor' and/or 'capture', "
                         f"got {type(raw).__name__}")
-    unknown = set(raw) - {"steer", "monitor"}
+    unknown = set(raw) - {"steer", "monitor", "capture"}
     if unknown:
-        raise SpecError(f"{KEY}: unknown SPEC field(s) {sorted(unknown)}; known: 'steer', 'monitor'")
+        raise SpecError(f"{KEY}: unknown SPEC field(s) {sorted(unknown)}; known: 'steer', 'monitor', 'capture'")
     steer = raw.get("steer") or []
     if isinstance(steer, dict):
         steer = [steer]
@@ -139,7 +150,12 @@ def parse_spec(raw: Any, catalog: Catalog) -> Spec:
     mon = raw.get("monitor")
     if mon is not None:
         traits, layers = _monitor(mon, catalog)
-    return Spec(entries, traits, layers)
+    kinds: tuple[str, ...] = ()
+    cap_layers: tuple[int, ...] = ()
+    cap = raw.get("capture")
+    if cap is not None and cap is not False:
+        kinds, cap_layers = _capture(cap, catalog)
+    return Spec(entries, traits, layers, kinds, cap_layers)
 
 
 def _steer_entry(e: Any, i: int, cat: Catalog) -> SteerEntry:
@@ -222,6 +238,32 @@ def _monitor(mon: Any, cat: Catalog) -> tuple[tuple[str, ...], tuple[int, ...]]:
         if zero:
             raise SpecError(f"{where}: {t!r} has a zero vector at layers {zero}: nothing to project on")
     return tuple(names), layer_t
+
+
+def _capture(cap: Any, cat: Catalog) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    where = f"{KEY}.capture"
+    if cap is True:
+        cap = {}
+    if not isinstance(cap, dict):
+        raise SpecError(f"{where} must be true or an object {{\"kinds\": ..., \"layers\": ...}}, got {cap!r}")
+    unknown = set(cap) - _CAPTURE_FIELDS
+    if unknown:
+        raise SpecError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(_CAPTURE_FIELDS)}")
+    if not cat.capture:
+        raise SpecError(f"{where}: this engine does not gather activations; start it with "
+                        f"PERSONAKERN_VLLM_CAPTURE=1")
+    kinds = cap.get("kinds", "all")
+    if kinds == "all" or kinds is None:
+        kinds = list(CAPTURE_KINDS)
+    elif isinstance(kinds, str):
+        kinds = [kinds]
+    if not isinstance(kinds, list) or not kinds:
+        raise SpecError(f"{where}.kinds must be 'all' or a non-empty list of {list(CAPTURE_KINDS)}, got {kinds!r}")
+    bad = [k for k in kinds if k not in CAPTURE_KINDS]
+    if bad:
+        raise SpecError(f"{where}.kinds: unknown kind(s) {bad}; kinds: {list(CAPTURE_KINDS)}")
+    layers = cap.get("layers", "all")
+    return tuple(dict.fromkeys(kinds)), _layers("all" if layers is None else layers, f"{where}.layers", cat)
 
 
 def _trait(t: Any, where: str, cat: Catalog) -> str:

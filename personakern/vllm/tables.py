@@ -58,7 +58,7 @@ class StepTables:
         """On the cpu backend the tables are registered with the extension's step op, which
         reads them by handle (no per-call views, read-outs written in place, steering and
         read-outs switched off in steps without them); other backends take them as arguments."""
-        if getattr(self.ops, "NAME", None) != "cpu" or self.coef.device.type != "cpu":
+        if getattr(self.ops, "NAME", None) != "cpu" or self.coef.device.type != "cpu" or not self.num_traits:
             return None
         from ..backends import cpu
         handle = cpu.step_table(self.steer, self.coef, self.unit, self.lo, self.hi, self.gate, self.thr,
@@ -170,6 +170,8 @@ class StepTables:
         (the next block's input norm, or the final norm): vLLM's fused add+RMSNorm slot."""
         if self._step_op is not None:
             return self._step_op(residual, x, weight, eps, self.handle, block)
+        if not self.num_traits:   # an engine without vectors (it only gathers activations)
+            return self.ops.add_rms_norm(residual, x, weight, eps)
         n = x.shape[0]
         normed, out, readings = self.ops.add_rms_norm_steer_project(
             residual, x, weight, eps, False,

@@ -69,9 +69,32 @@ def load_engine_vectors(hf_config, paths=None) -> EngineVectors:
     return EngineVectors(paths, tuple(merged.traits), stacked, catalog_from_vectors(merged, num_layers))
 
 
+def engine_vectors(hf_config) -> EngineVectors:
+    """The vectors of an engine started now: ``$PERSONAKERN_VECTORS``'s, or none (an engine that
+    only gathers activations, ``$PERSONAKERN_VLLM_CAPTURE=1``); the catalog says whether the
+    engine captures."""
+    from dataclasses import replace
+    from .capture import capture_enabled
+    if configured_paths():
+        ev = load_engine_vectors(hf_config)
+    else:
+        cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        L, D = int(cfg.num_hidden_layers), int(cfg.hidden_size)
+        ev = EngineVectors((), (), torch.zeros(L, 0, D), Catalog((), L, {}, {}))
+    ev.catalog = replace(ev.catalog, capture=capture_enabled())
+    return ev
+
+
+def plugin_wanted(environ=None) -> bool:
+    """Whether an engine started now runs personakern's model classes: it has vectors, or it
+    gathers activations."""
+    from .capture import capture_enabled
+    return bool(configured_paths(environ)) or capture_enabled(environ)
+
+
 def check_architecture(hf_config) -> None:
     archs = list(getattr(hf_config, "architectures", None) or [])
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise ValueError(f"personakern: {ENV_VAR} is set but the model's architecture {archs or '(none)'} is "
+        raise ValueError(f"personakern: {ENV_VAR} or PERSONAKERN_VLLM_CAPTURE is set but the model's architecture {archs or '(none)'} is "
                          f"not supported inside vLLM; supported: {list(SUPPORTED_ARCHITECTURES)}. "
-                         f"Unset {ENV_VAR} to serve this model without personakern.")
+                         f"Unset both to serve this model without personakern.")
