@@ -82,9 +82,6 @@ def cmd_extract(args):
     device and a share of the work (see :mod:`personakern.extraction.pipeline`); rank 0 prints
     the report, the others exit 0 once it is written."""
     from personakern import distributed
-    from personakern.extraction.generate import GenSettings
-    from personakern.extraction.pipeline import ExtractConfig, extract
-    from personakern.extraction.report import render_text
     from personakern.extraction.spec import load_spec
     from personakern.judges import make_judge
     from .common import load_model_of as _load
@@ -98,8 +95,30 @@ def cmd_extract(args):
     model, tok = _load(args)
     if launched:
         model.to(distributed.local_device())
-    judge = make_judge(args.judge, model=model, tokenizer=tok, engine=args.judge_engine or args.engine,
-                       **_judge_kw(args))
+    engine, judge_engine = args.engine, args.judge_engine or args.engine
+    sweep_engine = args.sweep_engine or args.engine
+    kw = _judge_kw(args)
+    llm = None   # one vLLM engine for every stage that runs on vLLM (two in one process cannot share it)
+    if "vllm" in (engine, sweep_engine) or (judge_engine == "vllm" and not args.judge_model):
+        from personakern.extraction.vllm_generate import start_engine
+        llm = start_engine(model, capture=engine == "vllm", spare=int(sweep_engine == "vllm"))
+        if judge_engine == "vllm" and not args.judge_model:
+            kw["llm"] = llm
+    try:
+        return _extract(args, spec, model, tok, make_judge(args.judge, model=model, tokenizer=tok,
+                                                           engine=judge_engine, **kw),
+                        engine, sweep_engine, llm)
+    finally:
+        if llm is not None:
+            from personakern.vllm.engine import close_llm
+            close_llm(llm)
+
+
+def _extract(args, spec, model, tok, judge, engine, sweep_engine, llm):
+    from personakern import distributed
+    from personakern.extraction.generate import GenSettings
+    from personakern.extraction.pipeline import ExtractConfig, extract
+    from personakern.extraction.report import render_text
     cfg = ExtractConfig(
         n_per_question=args.n, gen=GenSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                                batch_size=args.batch_size, seed=args.seed),
@@ -107,11 +126,11 @@ def cmd_extract(args):
         coherence_threshold=args.coherence_threshold, min_kept=args.min_kept,
         sweep_layers=args.sweep_layers, sweep_alphas=tuple(args.sweep_alphas),
         sweep_questions=args.sweep_questions, heldout_pairs=args.heldout_pairs, coherence_floor=args.coherence_floor, sweep=not args.no_sweep,
-        engine=args.engine, sweep_engine=args.sweep_engine or args.engine, judge_chunk=args.judge_chunk)
+        engine=engine, sweep_engine=sweep_engine, judge_chunk=args.judge_chunk)
     out = Path(args.out or f"personakern-runs/{spec.name}-{_slug(args.model)}")
     try:
         vs = extract(model, tok, spec, judge, out, cfg, progress=not args.quiet,
-                     log=lambda s: print(s, file=sys.stderr))
+                     log=lambda s: print(s, file=sys.stderr), llm=llm)
     except BaseException:
         distributed.finish(ok=False)   # leave the group without the closing barrier
         raise

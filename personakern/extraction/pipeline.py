@@ -177,10 +177,13 @@ def _mean(xs) -> Optional[float]:
 
 
 def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Union[str, Path],
-            cfg: Optional[ExtractConfig] = None, progress: bool = True, log=print) -> Optional[VectorSet]:
+            cfg: Optional[ExtractConfig] = None, progress: bool = True, log=print, llm=None) -> Optional[VectorSet]:
     """Run the pipeline (see the module docstring); returns the VectorSet also saved to
     ``out_dir/vectors.safetensors`` — on rank 0; other ranks of a launched run return None
-    once rank 0 has written the outputs."""
+    once rank 0 has written the outputs. ``llm``: one running vLLM engine on the model for the
+    stages that run on vLLM (:func:`~personakern.extraction.vllm_generate.start_engine` with
+    ``capture=True`` for ``engine="vllm"``, ``spare=1`` for ``sweep_engine="vllm"``; pass the
+    same one to a vLLM judge); without it each such stage starts and closes an engine."""
     cfg = cfg or ExtractConfig()
     if cfg.judge_chunk < 1:   # checked here, not after generating everything
         raise ValueError(f"judge_chunk must be at least 1, got {cfg.judge_chunk}")
@@ -216,7 +219,7 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
                      ActStore(out / f"acts-heldout-{hkey}")))
     if cfg.engine == "vllm":
         from .vllm_generate import generate_runs_vllm
-        results = generate_runs_vllm(model, tok, runs, progress)
+        results = generate_runs_vllm(model, tok, runs, progress, llm=llm)
     else:
         results = [generate_cached(model, tok, jobs, cache, gen, progress, desc=desc, acts=st, shard=True)
                    for jobs, cache, gen, desc, st in runs]
@@ -284,7 +287,7 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
     if cfg.sweep:
         t1 = time.perf_counter()
         sweep = steering_sweep(model, tok, spec, vecs["response"], judge, out, cfg, key, progress,
-                               engine=cfg.sweep_engine)
+                               engine=cfg.sweep_engine, llm=llm)
         times["sweep_s"] = time.perf_counter() - t1
     if not main:
         distributed.barrier()  # until rank 0 has written the outputs

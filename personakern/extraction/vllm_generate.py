@@ -32,39 +32,52 @@ def _model_folder(model) -> str:
     return path
 
 
-@contextlib.contextmanager
-def steering_engine(model, vector_file=None, capture: bool = False, **overrides):
-    """A vLLM engine on ``model``'s folder and dtype with ``$PERSONAKERN_VECTORS`` = ``vector_file``
-    (None: no vectors) and ``$PERSONAKERN_VLLM_CAPTURE`` = ``capture`` while it starts (the plugin
-    reads them then; both are restored after), shut down on exit.
+def start_engine(model, vector_file=None, capture: bool = False, spare: int = 0, **overrides):
+    """A vLLM engine on ``model``'s folder and dtype (close it with
+    :func:`personakern.vllm.engine.close_llm`), started with ``$PERSONAKERN_VECTORS`` =
+    ``vector_file`` (None: no vectors), ``$PERSONAKERN_VLLM_CAPTURE`` = ``capture`` and
+    ``$PERSONAKERN_VLLM_SPARE_TRAITS`` = ``spare`` (the plugin reads them while the engine starts;
+    they are restored after). With prefix caching on and, on CPUs, 32-token KV blocks, as the
+    vLLM judges want, so one engine serves generation, activations, judging and the sweep.
 
     Chunked prefill is off and a step holds a whole prompt: vLLM 0.32 on CPUs fails on a seeded
     request whose prompt is split over two steps ("CPU Generator does not use offset", when it
     rewinds the request's generator for the token it discards), and an unsplit prompt also keeps
     each request's random draws independent of what else is in the batch."""
-    from ..vllm.engine import DEFAULTS, make_llm
+    from ..judges.vllm_engine import CPU_BLOCK_SIZE
+    from ..vllm.capture import CAPTURE_ENV
+    from ..vllm.engine import DEFAULTS, make_llm, require_vllm
+    from ..vllm.vectors import ENV_VAR, SPARE_ENV
+    require_vllm()
+    from vllm.platforms import current_platform
     overrides.setdefault("enable_chunked_prefill", False)
     overrides.setdefault("max_num_batched_tokens", overrides.get("max_model_len", DEFAULTS["max_model_len"]))
+    overrides.setdefault("enable_prefix_caching", True)
+    if current_platform.is_cpu():
+        overrides.setdefault("block_size", CPU_BLOCK_SIZE)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     folder = _model_folder(model)
-    from ..vllm.capture import CAPTURE_ENV
-    want = {"PERSONAKERN_VECTORS": None if vector_file is None else str(vector_file),
-            CAPTURE_ENV: "1" if capture else None}
+    want = {ENV_VAR: None if vector_file is None else str(vector_file),
+            CAPTURE_ENV: "1" if capture else None, SPARE_ENV: str(int(spare)) if spare else None}
     old = {k: os.environ.get(k) for k in want}
     try:
         for k, v in want.items():
             _setenv(k, v)
-        llm = make_llm(folder, dtype=dtype, **overrides)
+        return make_llm(folder, dtype=dtype, **overrides)
     finally:
         for k, v in old.items():
             _setenv(k, v)
+
+
+@contextlib.contextmanager
+def steering_engine(model, vector_file=None, capture: bool = False, spare: int = 0, **overrides):
+    """:func:`start_engine` as a context: the engine is shut down on exit."""
+    from ..vllm.engine import close_llm
+    llm = start_engine(model, vector_file, capture, spare, **overrides)
     try:
         yield llm
     finally:
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:   # pragma: no cover - an engine already gone
-            pass
+        close_llm(llm)
         del llm
 
 
@@ -149,12 +162,13 @@ def _with_capture(spec: Optional[dict], capture: bool) -> Optional[dict]:
 
 
 
-def generate_runs_vllm(model, tok, runs, progress: bool = True) -> list:
+def generate_runs_vllm(model, tok, runs, progress: bool = True, llm=None) -> list:
     """The extraction's generation on one vLLM engine that gathers activations: ``runs`` are
     ``(jobs, cache, settings, desc, acts)`` as for :func:`generate_vllm_cached`; returns each
     run's ``{id: record}``. Sampled answers take per-request seeds, ``batch_seed(settings.seed,
-    i)`` for the run's ``i``-th job, so a resumed run draws what an uninterrupted one did. No
-    engine starts when every answer is already cached."""
+    i)`` for the run's ``i``-th job, so a resumed run draws what an uninterrupted one did. On
+    ``llm`` (a running engine that captures), else on an engine started here (none when every
+    answer is already cached)."""
     def pending(jobs, cache, acts):
         done, have = {r["id"] for r in cache if "id" in r}, acts.ids()
         return any(j["id"] not in done or j["id"] not in have for j in jobs)
@@ -164,9 +178,9 @@ def generate_runs_vllm(model, tok, runs, progress: bool = True) -> list:
             return jobs
         return [dict(j, seed=batch_seed(settings.seed, i)) for i, j in enumerate(jobs)]
 
-    if not any(pending(jobs, cache, acts) for jobs, cache, _, _, acts in runs):
-        return [generate_vllm_cached(None, tok, model, jobs, cache, st, progress, desc, acts)
-                for jobs, cache, st, desc, acts in runs]
-    with steering_engine(model, capture=True) as llm:
+    if llm is not None or not any(pending(jobs, cache, acts) for jobs, cache, _, _, acts in runs):
         return [generate_vllm_cached(llm, tok, model, seeded(jobs, st), cache, st, progress, desc, acts)
+                for jobs, cache, st, desc, acts in runs]
+    with steering_engine(model, capture=True) as engine:
+        return [generate_vllm_cached(engine, tok, model, seeded(jobs, st), cache, st, progress, desc, acts)
                 for jobs, cache, st, desc, acts in runs]

@@ -16,9 +16,10 @@ from __future__ import annotations
 from typing import Optional
 
 from ..readings import Readings
+from .live import set_vector
 from .spec import KEY, Catalog, Spec, SpecError, parse_spec
 
-__all__ = ["KEY", "Catalog", "Spec", "SpecError", "captured", "parse_spec", "readings"]
+__all__ = ["KEY", "Catalog", "Spec", "SpecError", "captured", "parse_spec", "readings", "set_vector"]
 
 
 def readings(request_output) -> Optional[Readings]:

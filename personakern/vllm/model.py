@@ -65,7 +65,7 @@ class PersonaEngine:
         max_tokens = max(int(sched.max_num_batched_tokens), int(sched.max_num_seqs))
         self.ops = ops_dispatch.select_backend(device, dtype)
         self.tables = StepTables(self.vectors.vectors, max_tokens, self.gated_slots, device, self.ops)
-        self.store = ReadingsStore(self.catalog.num_layers, len(self.catalog.traits))
+        self.store = ReadingsStore(self.catalog.num_layers, self.catalog.columns)
         # capture slots: one per request the scheduler may run at once
         self.capture = CaptureTables(self.catalog.num_layers, self.vectors.vectors.shape[-1],
                                      int(sched.max_num_seqs), max_tokens, device) if self.catalog.capture else None
@@ -107,6 +107,15 @@ class PersonaEngine:
         self.store.retire(live)
         if self.capture is not None:
             self.capture.retire(live)
+
+    def set_trait(self, name: str, vectors: np.ndarray, layer) -> int:
+        """A vector set while the engine runs (:func:`personakern.vllm.set_vector`): the trait's
+        column (its own if ``name`` was set before, else the next free one)."""
+        from .live import catalog_with
+        self.catalog, t = catalog_with(self.catalog, name, vectors, layer)
+        self.tables.set_trait(t, torch.from_numpy(vectors))
+        self._plans.clear()
+        return t
 
     def take_capture(self, ids) -> dict:
         if self.capture is None:

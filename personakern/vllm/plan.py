@@ -52,7 +52,7 @@ class RequestPlan:
 def build_plan(spec: Spec, catalog: Catalog, gated_slots: int) -> RequestPlan:
     """Tables of one request; raises :class:`SpecError` for what the engine's layout cannot hold
     (more conditional entries than ``gated_slots``, two bounds on one trait at one layer)."""
-    L, T = catalog.num_layers, len(catalog.traits)
+    L, T = catalog.num_layers, catalog.columns
     coef = np.zeros((2, L, T), dtype=np.float32)
     lo = hi = None
     gated: dict[tuple, np.ndarray] = {}

@@ -31,6 +31,7 @@ from collections import OrderedDict
 
 from .results import RPC_TAKE
 from .capture import RPC_TAKE_CAPTURE
+from .live import RPC_SET_TRAIT
 from .vectors import SUPPORTED_ARCHITECTURES, check_architecture, engine_vectors, plugin_wanted
 
 log = logging.getLogger("personakern.vllm")
@@ -122,6 +123,7 @@ def _patch_worker() -> None:
     gpu_worker.Worker.load_model = load_model
     setattr(worker_base.WorkerBase, RPC_TAKE, _take_readings)
     setattr(worker_base.WorkerBase, RPC_TAKE_CAPTURE, _take_capture)
+    setattr(worker_base.WorkerBase, RPC_SET_TRAIT, _set_trait)
 
 
 def _persona_model(model):
@@ -139,6 +141,12 @@ def _persona_model(model):
 def _take_readings(self, ids):
     model = _persona_model(self.model_runner.get_model())
     return model.personakern.store.take(list(ids))
+
+
+def _set_trait(self, name, data, shape, layer):
+    import numpy as np
+    model = _persona_model(self.model_runner.get_model())
+    return model.personakern.set_trait(name, np.frombuffer(data, dtype=np.float32).reshape(shape), layer)
 
 
 def _take_capture(self, ids):
@@ -202,7 +210,7 @@ def _validated_spec(processor, params):
     from .model import WHEN_SLOTS_ENV
     import os
     build_plan(spec, processor.personakern_catalog,
-               int(os.environ.get(WHEN_SLOTS_ENV, str(len(processor.personakern_catalog.traits)))))
+               int(os.environ.get(WHEN_SLOTS_ENV, str(processor.personakern_catalog.columns))))
     if getattr(params, "n", 1) != 1 and (spec.monitors or spec.captures):
         raise ValueError("personakern: monitoring and capture need n=1 (one sequence per request)")
     return spec

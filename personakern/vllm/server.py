@@ -67,7 +67,7 @@ def _validate(serving, raw):
     if spec.captures:
         raise SpecError(f"{KEY}.capture: activation capture is offered offline only (LLM.generate, "
                         f"personakern.vllm.captured), not by the server")
-    build_plan(spec, catalog, int(os.environ.get(WHEN_SLOTS_ENV, str(len(catalog.traits)))))
+    build_plan(spec, catalog, int(os.environ.get(WHEN_SLOTS_ENV, str(catalog.columns))))
     return spec
 
 

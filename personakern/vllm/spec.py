@@ -51,6 +51,13 @@ class Catalog:
     recommended: dict            # trait -> int or None
     zero_layers: dict            # trait -> frozenset of layers with a zero vector
     capture: bool = False        # the engine gathers activations ($PERSONAKERN_VLLM_CAPTURE=1)
+    spare: int = 0               # trait columns held free for vectors set at run time (set_vector)
+    runtime: frozenset = frozenset()   # traits set at run time (replaceable)
+
+    @property
+    def columns(self) -> int:
+        """Trait columns of the engine's tables: the named traits, then the free ones."""
+        return len(self.traits) + self.spare
 
     def index(self, trait: str) -> int:
         return self.traits.index(trait)

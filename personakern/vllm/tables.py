@@ -164,6 +164,17 @@ class StepTables:
             column[key] = T + j
         return column
 
+    def set_trait(self, t: int, vectors: torch.Tensor) -> None:
+        """Column ``t``'s vectors ``[L, D]`` replaced in place (the compiled graph and the step op
+        read these tensors, so they see it); conditional columns built on trait ``t`` are freed."""
+        vec = vectors.to(self._vectors)
+        self._vectors[:, t] = vec
+        self.steer[:, t] = vec
+        self.unit[:, t] = vec / vec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        for j, key in enumerate(self._gated_keys):
+            if key is not None and t in (key[0], key[1]):
+                self._gated_keys[j] = None
+
     # ------------------------------------------------------------------ called by the layers
     def apply(self, block: int, residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
         """Block ``block``'s output ``residual + x``, steered, clamped and read, and its RMSNorm

@@ -17,6 +17,7 @@ from ..vectors import VectorFileError, VectorSet
 from .spec import Catalog, catalog_from_vectors
 
 ENV_VAR = "PERSONAKERN_VECTORS"
+SPARE_ENV = "PERSONAKERN_VLLM_SPARE_TRAITS"
 # decoder families whose vLLM layers pass (hidden, residual) into a fused add+RMSNorm
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -30,7 +31,8 @@ class EngineVectors:
 
     @property
     def num_traits(self) -> int:
-        return len(self.traits)
+        """Trait columns, free ones included."""
+        return int(self.vectors.shape[1])
 
 
 def configured_paths(environ=None) -> tuple[str, ...]:
@@ -81,15 +83,32 @@ def engine_vectors(hf_config) -> EngineVectors:
         cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
         L, D = int(cfg.num_hidden_layers), int(cfg.hidden_size)
         ev = EngineVectors((), (), torch.zeros(L, 0, D), Catalog((), L, {}, {}))
-    ev.catalog = replace(ev.catalog, capture=capture_enabled())
+    spare = spare_columns()
+    if spare:   # zero columns after the files' traits, named when set_vector fills them
+        L, _, D = ev.vectors.shape
+        ev.vectors = torch.cat([ev.vectors, torch.zeros(L, spare, D)], dim=1).contiguous()
+    ev.catalog = replace(ev.catalog, capture=capture_enabled(), spare=spare)
     return ev
+
+
+def spare_columns(environ=None) -> int:
+    """``$PERSONAKERN_VLLM_SPARE_TRAITS``: trait columns an engine keeps free for vectors set
+    while it runs (:func:`personakern.vllm.set_vector`); default 0."""
+    value = (environ if environ is not None else os.environ).get(SPARE_ENV, "").strip() or "0"
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"{SPARE_ENV} must be a count, got {value!r}") from None
+    if n < 0:
+        raise ValueError(f"{SPARE_ENV} must be >= 0, got {n}")
+    return n
 
 
 def plugin_wanted(environ=None) -> bool:
     """Whether an engine started now runs personakern's model classes: it has vectors, or it
     gathers activations."""
     from .capture import capture_enabled
-    return bool(configured_paths(environ)) or capture_enabled(environ)
+    return bool(configured_paths(environ)) or capture_enabled(environ) or spare_columns(environ) > 0
 
 
 def check_architecture(hf_config) -> None:
