@@ -19,6 +19,8 @@ judged score per answer and over per-variant means (the paper's plot), at the ve
 at the best block, and per block (JSON).
 
 Everything is cached under ``--cache`` (JSONL, appended per batch): a rerun resumes.
+``--engine vllm``: generation, monitoring and judging on one vLLM engine started on the vector file
+(each answer a request with its own seed and a monitoring SPEC; caches of its own).
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/monitoring_experiment.py \\
         --out benchmarks/results/cpu/monitoring
@@ -104,6 +106,9 @@ def parse_args(argv=None):
     p.add_argument("--pool", type=int, default=12, help="candidate example answers per side for the shots")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                   help="what generates, monitors and judges: hf (patched generate(), default) or vllm (one vLLM "
+                        "engine on the vector file: per-request monitoring, per-request seeds; its own caches)")
     p.add_argument("--note", default=None, help="a line for results.md (e.g. times of runs split across invocations)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -127,9 +132,17 @@ def shot_examples(model, tok, spec, judge, cache_dir, args, settings):
         for i in range(min(args.pool, len(spec.questions))):
             jobs.append({"id": f"pool:{side}:{i}", "side": side, "system": spec.instructions[i % len(spec.instructions)][k],
                          "question": spec.questions[i]})
-    tag = short_hash([spec.hash, settings.to_dict(), len(jobs)])
-    recs = generate_cached(model, tok, jobs, JsonlLog(cache_dir / f"pool-{spec.name}-{tag}.jsonl"), settings,
-                           progress=not args.quiet, desc=f"{spec.name}: example answers")
+    tag = short_hash([spec.hash, settings.to_dict(), len(jobs)] + ([] if args.llm is None else ["vllm"]))
+    cache = JsonlLog(cache_dir / f"pool-{spec.name}-{tag}.jsonl")
+    if args.llm is None:
+        recs = generate_cached(model, tok, jobs, cache, settings, progress=not args.quiet,
+                               desc=f"{spec.name}: example answers")
+    else:
+        from personakern.extraction.generate import batch_seed
+        from personakern.extraction.vllm_generate import generate_vllm_cached
+        jobs = [dict(j, seed=batch_seed(settings.seed, i)) for i, j in enumerate(jobs)]
+        recs = generate_vllm_cached(args.llm, tok, model, jobs, cache, settings, progress=not args.quiet,
+                                    desc=f"{spec.name}: example answers")
     recs = list(recs.values())
     judge_cached(judge, spec, recs, JsonlLog(cache_dir / f"pool-judged-{spec.name}-{tag}.jsonl"), progress=not args.quiet)
     scored = [r for r in recs if r["trait_score"] is not None and r["answer"]]
@@ -190,6 +203,29 @@ def generate_monitored(model, tok, handle, messages, settings, seed):
     return answers, readings.last_prompt_token(), [len(s) for s in seqs]
 
 
+def generate_monitored_vllm(llm, model, tok, trait, messages, settings, seed):
+    """:func:`generate_monitored` on a vLLM engine: one request per row, each monitoring ``trait``
+    at every block with its own seed; ``[B, L, 1]`` last-prompt-token projections."""
+    from vllm import TokensPrompt
+    from personakern.extraction.generate import batch_seed, eos_ids
+    from personakern.extraction.vllm_generate import sampling_params
+    from personakern.vllm import readings
+    seqs = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            for m in messages]
+    eos = eos_ids(model, tok)
+    spec = {"monitor": {"traits": [trait], "layers": "all"}}
+    outs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs],
+                        [sampling_params(settings, eos, batch_seed(seed, i), spec) for i in range(len(seqs))],
+                        use_tqdm=False)
+    answers, lpt = [], []
+    for s, o in zip(seqs, outs):
+        row = list(o.outputs[0].token_ids)
+        cut = next((k for k, t in enumerate(row) if t in eos), len(row))
+        answers.append(tok.decode(row[:cut], skip_special_tokens=True).strip())
+        lpt.append(readings(o).values[0, len(s) - 1])                          # [L, 1]
+    return answers, torch.stack(lpt), [len(s) for s in seqs]
+
+
 def run_trait(trait, model, tok, vs, judge, args, settings, cache_dir):
     import personakern
     from personakern.extraction.pipeline import judge_cached
@@ -201,22 +237,27 @@ def run_trait(trait, model, tok, vs, judge, args, settings, cache_dir):
     questions = list(spec.eval_questions[:args.questions])
     vs_list = variants(trait, pos_ex, neg_ex, args)
     tag = short_hash([spec.hash, settings.to_dict(), questions, args.samples,
-                      [(s, lab, m) for s, lab, _, m in vs_list], Path(args.vectors).stat().st_size])
+                      [(s, lab, m) for s, lab, _, m in vs_list], Path(args.vectors).stat().st_size]
+                     + ([] if args.llm is None else ["vllm"]))
     gen_log = JsonlLog(cache_dir / f"gen-{trait}-{tag}.jsonl")
     done = {r["id"]: r for r in gen_log}
     layer_count = vs[trait].num_layers
     todo = [v for v in vs_list if any(f"{v[0]}:{v[1]}:{q}:{s}" not in done
                                       for q in range(len(questions)) for s in range(args.samples))]
     if todo:
-        handle = personakern.patch(model)
+        handle = personakern.patch(model) if args.llm is None else None
         try:
-            handle.monitor({trait: vs[trait]}, layers="all")
+            if handle is not None:
+                handle.monitor({trait: vs[trait]}, layers="all")
             bar = tqdm(todo, desc=f"{trait}: monitored answers", unit="variant", disable=args.quiet)
             for setting, label, level, before in bar:
                 rows = [(q, s) for q in range(len(questions)) for s in range(args.samples)]
                 msgs = [before + [{"role": "user", "content": questions[q]}] for q, _ in rows]
                 seed = int(short_hash([args.seed, trait, setting, label]), 16)
-                answers, lpt, plen = generate_monitored(model, tok, handle, msgs, settings, seed)
+                if handle is None:
+                    answers, lpt, plen = generate_monitored_vllm(args.llm, model, tok, trait, msgs, settings, seed)
+                else:
+                    answers, lpt, plen = generate_monitored(model, tok, handle, msgs, settings, seed)
                 new = [{"id": f"{setting}:{label}:{q}:{s}", "trait": trait, "setting": setting, "variant": label,
                         "level": level, "q": q, "sample": s, "question": questions[q], "answer": a,
                         "prompt_tokens": n, "projection": [round(float(x), 5) for x in lpt[i, :, 0]]}
@@ -224,7 +265,8 @@ def run_trait(trait, model, tok, vs, judge, args, settings, cache_dir):
                 gen_log.append([r for r in new if r["id"] not in done])
                 done.update((r["id"], r) for r in new)
         finally:
-            handle.unpatch()
+            if handle is not None:
+                handle.unpatch()
     recs = [done[f"{s}:{lab}:{q}:{k}"] for s, lab, _, _ in vs_list for q in range(len(questions)) for k in range(args.samples)]
     judge_cached(judge, spec, recs, JsonlLog(cache_dir / f"judged-{trait}-{tag}.jsonl"), progress=not args.quiet)
     assert all(len(r["projection"]) == layer_count for r in recs)
@@ -338,9 +380,16 @@ def main(argv=None):
     cache_dir.mkdir(parents=True, exist_ok=True)
     model, tok = personakern.load_model()
     vs = load_vectors(args.vectors, model)
-    judge = make_judge(model=model, tokenizer=tok)
+    args.llm = None
+    if args.engine == "vllm":   # one engine: monitored generation, example answers and the judge
+        from personakern.extraction.vllm_generate import start_engine
+        args.llm = start_engine(model, args.vectors)
+        judge = make_judge(model=model, tokenizer=tok, engine="vllm", llm=args.llm)
+    else:
+        judge = make_judge(model=model, tokenizer=tok)
     settings = GenSettings(max_new_tokens=args.max_new_tokens, batch_size=16, seed=args.seed)
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "cache", "quiet", "traits", "vectors", "note")}
+    config = {k: v for k, v in vars(args).items()
+              if k not in ("out", "cache", "quiet", "traits", "vectors", "note", "llm") and not (k == "engine" and v == "hf")}
     config.update({k: v for k, v in settings.to_dict().items() if k != "batch_size"})
     # results.json accumulates traits (each with its own sizes), so traits can be run separately
     path = out / "results.json"
@@ -350,31 +399,36 @@ def main(argv=None):
     results.setdefault("traits", {})
     if args.note:
         results["note"] = args.note
-    for trait in args.traits:
-        t0, c0 = time.time(), time.process_time()
-        recs, examples, prompts = run_trait(trait, model, tok, vs, judge, args, settings, cache_dir)
-        layer = int(vs[trait].meta["layer"])
-        entry = {"config": config, "date": time.strftime("%Y-%m-%d"), "settings": {},
-                 "prompts": prompts, "examples": examples}
-        groups = {"system_prompt": [r for r in recs if r["setting"] == "system_prompt"],
-                  "many_shot": [r for r in recs if r["setting"] == "many_shot"], "both": recs}
-        for setting, rs in groups.items():
-            res = analyse(rs, layer, vs[trait].num_layers)
-            entry["settings"][setting] = res
-            print(f"{trait:12s} {setting:14s} n={res['n']:3d} r={fmt(res['r'])} (block {layer})  "
-                  f"r_means={fmt(res['r_means'])} (n={res['n_variants']})  best block {res['best_layer']}: "
-                  f"r={fmt(res['best_r'])}", flush=True)
-        entry["answers"] = [{"setting": r["setting"], "variant": r["variant"], "q": r["q"], "sample": r["sample"],
-                             "projection": r["projection"][layer], "trait_score": r["trait_score"],
-                             "coherence": r["coherence"], "answer": r["answer"]} for r in recs]
-        old = results["traits"].get(trait) or {}
-        # a fully cached rerun (under two minutes) keeps the times of the run that did the work
-        if time.time() - t0 < 120:
-            same = old.get("config") == config
-            entry["seconds"], entry["cpu_seconds"] = (old.get("seconds"), old.get("cpu_seconds")) if same else (None, None)
-        else:
-            entry["seconds"], entry["cpu_seconds"] = round(time.time() - t0, 1), round(time.process_time() - c0, 1)
-        results["traits"][trait] = entry
+    try:
+        for trait in args.traits:
+            t0, c0 = time.time(), time.process_time()
+            recs, examples, prompts = run_trait(trait, model, tok, vs, judge, args, settings, cache_dir)
+            layer = int(vs[trait].meta["layer"])
+            entry = {"config": config, "date": time.strftime("%Y-%m-%d"), "settings": {},
+                     "prompts": prompts, "examples": examples}
+            groups = {"system_prompt": [r for r in recs if r["setting"] == "system_prompt"],
+                      "many_shot": [r for r in recs if r["setting"] == "many_shot"], "both": recs}
+            for setting, rs in groups.items():
+                res = analyse(rs, layer, vs[trait].num_layers)
+                entry["settings"][setting] = res
+                print(f"{trait:12s} {setting:14s} n={res['n']:3d} r={fmt(res['r'])} (block {layer})  "
+                      f"r_means={fmt(res['r_means'])} (n={res['n_variants']})  best block {res['best_layer']}: "
+                      f"r={fmt(res['best_r'])}", flush=True)
+            entry["answers"] = [{"setting": r["setting"], "variant": r["variant"], "q": r["q"], "sample": r["sample"],
+                                 "projection": r["projection"][layer], "trait_score": r["trait_score"],
+                                 "coherence": r["coherence"], "answer": r["answer"]} for r in recs]
+            old = results["traits"].get(trait) or {}
+            # a fully cached rerun (under two minutes) keeps the times of the run that did the work
+            if time.time() - t0 < 120:
+                same = old.get("config") == config
+                entry["seconds"], entry["cpu_seconds"] = (old.get("seconds"), old.get("cpu_seconds")) if same else (None, None)
+            else:
+                entry["seconds"], entry["cpu_seconds"] = round(time.time() - t0, 1), round(time.process_time() - c0, 1)
+            results["traits"][trait] = entry
+    finally:
+        if args.llm is not None:
+            from personakern.vllm.engine import close_llm
+            close_llm(args.llm)
     for setting in ("system_prompt", "many_shot"):
         scatter(out / f"monitoring-{setting.replace('_', '-')}.png", setting, results["traits"])
     path.write_text(json.dumps(results, indent=1) + "\n")

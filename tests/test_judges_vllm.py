@@ -91,10 +91,19 @@ def test_llm_judge_equals_hf(llm, spec):
         assert all(weighted_score(row, 0.25) is None for row in d)
 
 
-def test_many_items_equal_one_by_one(llm, spec):
+def test_many_items_equal_one_by_one(llm, spec, monkeypatch):
+    """Answers with a common beginning: the prefix cache reaches into the answer for some
+    requests, which are sent again without reading it (both paths checked against one by one)."""
+    from personakern.judges import vllm_engine
     judge = make_judge("likelihood", engine="vllm", llm=llm, model_path=smollm2_path())
     qs, ans = QUESTIONS * 4, [a + s for s in ("", " Really.", " Yes.", " Anyway.") for a in ANSWERS]
+    calls, generate = [], vllm_engine._generate
+    monkeypatch.setattr(vllm_engine, "_generate", lambda llm_, prompts, params, what: (
+        calls.append((len(prompts), params.skip_reading_prefix_cache)), generate(llm_, prompts, params, what))[1])
+    llm.reset_prefix_cache()
     batch = judge.score(spec, qs, ans)
+    assert calls[0][1] is False and any(read is True for _, read in calls[1:2])   # read the cache, then redo
+    monkeypatch.setattr(vllm_engine, "_generate", generate)
     alone = [judge.score(spec, [q], [a])[0] for q, a in zip(qs[:8], ans[:8])]
     assert _within(batch[:8], alone, tol=1e-3) < 1e-3
     assert _within(judge.coherence(qs, ans)[:8], [judge.coherence([q], [a])[0] for q, a in zip(qs[:8], ans[:8])],

@@ -13,7 +13,7 @@ from vllm_support import TRAITS_FILE, _hf_model, in_process_env, require_vllm
 require_vllm()
 pytestmark = pytest.mark.slow
 
-from personakern.extraction import generate, pipeline, sweep  # noqa: E402
+from personakern.extraction import generate, pipeline, sweep, vllm_generate  # noqa: E402
 from personakern.extraction.spec import load_spec  # noqa: E402
 from personakern.vectors import load_vectors  # noqa: E402
 
@@ -91,3 +91,22 @@ def test_bad_sweep_engine_and_launcher_are_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="runs in one process"):
         run("vllm", tmp_path, cfg())
     assert not any(tmp_path.iterdir())   # nothing written
+
+
+def test_sweep_on_a_shared_engine_equals_hf(tmp_path):
+    """The pipeline's one-engine mode: the sweep sets its vector into a running engine."""
+    model, tok = _hf_model()
+    hf = run("hf", tmp_path / "hf", cfg())
+    llm = vllm_generate.start_engine(model, capture=True, spare=1)
+    try:
+        v = load_vectors(TRAITS_FILE)["evil"].vectors
+        shared = sweep.steering_sweep(model, tok, load_spec("evil"), v, ChecksumJudge(), tmp_path / "vllm", cfg(),
+                                      "k", progress=False, engine="vllm", llm=llm)
+        traits = llm.llm_engine.input_processor.personakern_catalog.traits
+        assert len(traits) == 1 and traits[0].startswith("sweep-")
+    finally:
+        from personakern.vllm.engine import close_llm
+        close_llm(llm)
+    assert answers(tmp_path / "vllm") == answers(tmp_path / "hf")
+    shared.pop("engine"), hf.pop("engine")
+    assert shared == hf

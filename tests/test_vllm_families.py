@@ -116,24 +116,29 @@ def test_vector_file_for_another_model_is_refused_at_engine_start(tmp_path):
 
 def test_tensor_parallel_2_equals_1(tmp_path):
     """A tiny Llama with 4 heads split over two CPU workers: the residual stream is replicated
-    after each all-reduce, so both ranks steer and read the same values; rank 0's are returned."""
+    after each all-reduce, so both ranks steer, read and capture the same values; rank 0's are
+    returned (vLLM's tensor parallelism is how one capturing engine scales out)."""
     import json
     from vllm_support import run_script
     _, path, vec = tiny_model(tmp_path, "llama", seed=3)
     spec = {"steer": [{"trait": "alpha", "alpha": 3.0, "layers": [1], "positions": "all"}],
-            "monitor": {"traits": ["alpha", "beta"], "layers": "all"}}
+            "monitor": {"traits": ["alpha", "beta"], "layers": "all"}, "capture": True}
     calls = [[{"ids": IDS, "max_tokens": 4, "spec": spec}, {"ids": IDS[:9], "max_tokens": 4, "spec": None}]]
     out = {}
     for tp in (1, 2):
         job = {"model": path, "engine": {"tensor_parallel_size": tp, "enforce_eager": True}, "calls": calls}
-        env = {"PK_JOB": json.dumps(job), "PERSONAKERN_VECTORS": vec, "VLLM_ENABLE_V1_MULTIPROCESSING": None}
+        env = {"PK_JOB": json.dumps(job), "PERSONAKERN_VECTORS": vec, "VLLM_ENABLE_V1_MULTIPROCESSING": None,
+               "PERSONAKERN_VLLM_CAPTURE": "1"}
         if tp == 2:
             env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
         out[tp] = run_script("plugin_engine.py", env)["results"]
     for a, b in zip(out[1], out[2]):
         assert a["tokens"] == b["tokens"]
     assert close_values(torch.tensor(out[2][0]["readings"]), torch.tensor(out[1][0]["readings"])) <= 1e-4
-    assert out[2][1]["readings"] is None
+    cap1, cap2 = torch.tensor(out[1][0]["capture"]), torch.tensor(out[2][0]["capture"])
+    assert cap1.shape == cap2.shape and cap1.shape[:2] == (3, 3) and cap1.abs().sum() > 0
+    assert close_values(cap2, cap1) <= 1e-4
+    assert out[2][1]["readings"] is None and out[2][1]["capture"] is None
 
 
 def test_plain_and_steered_engines_follow_each_other_in_one_process(tmp_path):

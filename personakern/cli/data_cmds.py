@@ -33,7 +33,7 @@ def cmd_screen(args):
         s = ScreenSettings(traits=args.traits, layer=args.layer, approx_only=args.approx_only, on_error=args.on_error,
                            rank_by=args.rank_by, batch_size=args.batch_size, chunk_batches=args.chunk_batches,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, engine=args.engine)
         summary = screen(model, tok, data, vs, out, s)
         ok = True
     finally:
@@ -108,6 +108,9 @@ def register(sub) -> None:
     s.add_argument("--max-new-tokens", type=int, default=64, help="length of the base model's answers")
     s.add_argument("--temperature", type=float, default=0.0, help="base answers: 0 = greedy (default)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                   help="what generates the base answers and runs the projections: hf (default) or vllm "
+                        "(one vLLM engine on the model folder; one process)")
     s.add_argument("--top", type=int, default=5, help="samples to print")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_screen)

@@ -8,10 +8,16 @@ ids, so the engine scores exactly the sequences the Hugging Face judges score.
 Likelihood judge
     One request per ``(system, question, answer)`` with ``prompt_logprobs=0``: vLLM returns
     ``log P(token_i | tokens < i)`` of every prompt token, and the answer's tokens are summed.
-    vLLM 0.32 never reads the prefix cache for a request that asks for prompt log-probabilities
-    (``SamplingParams.skip_reading_prefix_cache`` defaults to True for them); forcing it to read
-    leaves the rows of the cached tokens *uninitialised* (garbage token ids and values, measured),
-    so this module keeps vLLM's default and checks ``num_cached_tokens`` on every output.
+    vLLM 0.32 by default never reads the prefix cache for a request that asks for prompt
+    log-probabilities (``SamplingParams.skip_reading_prefix_cache`` defaults to True for them);
+    made to read it, it leaves the entries of the cached tokens *uninitialised* (garbage token ids
+    and values, measured) but computes every entry after them exactly (bit for bit the values of
+    an uncached request, measured on 431 sequences). The answer's entries need only the rows from
+    the last prompt token on, and the prompts of one question share their system prompt and
+    question (each answer is scored under the same 11 system prompts), so the requests read the
+    cache (1.8x faster measured on SmolLM2's judge sequences), and a request whose cached prefix
+    reaches into the answer (``num_cached_tokens >= answer start``: two answers with a common
+    beginning) is sent again without reading it.
 
 LLM judge
     ``p_k = P(tokens of str(k), then an end token)`` needs, at the prompt and after every node of
@@ -89,14 +95,23 @@ def answer_logprob_sums(llm, seqs: Sequence[Tuple[List[int], int]]) -> List[Tupl
     from vllm import SamplingParams
     if not seqs:
         return []
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-    outs = _generate(llm, [ids for ids, _ in seqs], params, "likelihood")
+    kw = dict(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+    # entries of prefix-cached tokens are not computed (uninitialised): none may be needed, i.e.
+    # the cached prefix must end before the answer's first token (see the module docstring)
+    hit = lambda out, start: (out.num_cached_tokens or 0) >= max(start, 1)
+    outs = _generate(llm, [ids for ids, _ in seqs], SamplingParams(skip_reading_prefix_cache=False, **kw),
+                     "likelihood")
+    redo = [k for k, (out, (_, start)) in enumerate(zip(outs, seqs)) if hit(out, start)]
+    if redo:
+        again = _generate(llm, [seqs[k][0] for k in redo], SamplingParams(skip_reading_prefix_cache=True, **kw),
+                          "likelihood")
+        for k, out in zip(redo, again):
+            outs[k] = out
     res = []
     for out, (ids, start) in zip(outs, seqs):
-        # rows of prefix-cached tokens are not computed (uninitialised): none may be needed
-        if (out.num_cached_tokens or 0) >= max(start, 1):
+        if hit(out, start):
             raise JudgeError(f"vLLM served {out.num_cached_tokens} prompt tokens from its prefix cache to a "
-                             f"prompt-logprob request; their log-probabilities are not computed")
+                             f"prompt-logprob request told not to read it; their log-probabilities are not computed")
         lps = out.prompt_logprobs
         res.append((float(sum(lps[i][ids[i]].logprob for i in range(start, len(ids)))), len(ids) - start))
     return res

@@ -61,6 +61,7 @@ class ScreenSettings:
     repetition_penalty: float = 1.1
     seed: int = 0
     progress: bool = True
+    engine: str = "hf"                        # or "vllm": base answers and projections on a vLLM engine
 
     def gen(self) -> GenSettings:
         return GenSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -164,16 +165,26 @@ def _copy(src, dst_path) -> None:
 
 
 def _process_chunk(model, tok, c: int, samples: Sequence[Sample], first_key: int, units, order, s: ScreenSettings,
-                   rank_column: str, out: Path, bar) -> None:
+                   rank_column: str, out: Path, bar, llm=None) -> None:
+    if llm is not None:
+        from .vllm_engine import project_sequences_vllm
+        project = lambda seqs: project_sequences_vllm(llm, seqs, units)
+    else:
+        project = lambda seqs: project_sequences(model, seqs, units, s.batch_size)
     prompts = chat_prompts_ids(tok, [x.prompt for x in samples])
     seqs = [(p + r, len(p)) for p, r in zip(prompts, texts_ids(tok, [x.response for x in samples]))]
-    resp, last = project_sequences(model, seqs, units, s.batch_size)
+    resp, last = project(seqs)
     base = torch.full_like(resp, float("nan"))
     if not s.approx_only:
         keys = list(range(first_key, first_key + len(samples)))
         n0 = bar.n if bar is not None else 0
-        answers = base_answers(model, tok, keys, prompts, JsonlLog(out / "answers" / f"c{c:05d}.jsonl"), s.gen(),
-                               first_key // s.batch_size, bar=bar)   # the bar moves per generated batch
+        cache = JsonlLog(out / "answers" / f"c{c:05d}.jsonl")
+        if llm is not None:
+            from .vllm_engine import base_answers_vllm
+            answers = base_answers_vllm(llm, tok, model, keys, prompts, cache, s.gen(), bar=bar)
+        else:
+            answers = base_answers(model, tok, keys, prompts, cache, s.gen(), first_key // s.batch_size,
+                                   bar=bar)   # the bar moves per generated batch
         if bar is not None:
             bar.update(len(samples) - (bar.n - n0))
             bar = None
@@ -181,8 +192,7 @@ def _process_chunk(model, tok, c: int, samples: Sequence[Sample], first_key: int
         base_ids = texts_ids(tok, [answers[k] for k in keys])
         have = [i for i, ids in enumerate(base_ids) if ids]
         if have:
-            b, _ = project_sequences(model, [(prompts[i] + base_ids[i], len(prompts[i])) for i in have],
-                                     units, s.batch_size)
+            b, _ = project([(prompts[i] + base_ids[i], len(prompts[i])) for i in have])
             base[have] = b
     answered = ~torch.isnan(base)          # NaN only where the base answer was empty
     if not (torch.isfinite(resp).all() and torch.isfinite(last).all() and torch.isfinite(base[answered]).all()):
@@ -205,10 +215,18 @@ def _process_chunk(model, tok, c: int, samples: Sequence[Sample], first_key: int
         bar.update(len(samples))
 
 
-def screen(model, tok, data, vectors: VectorSet, out, settings: Optional[ScreenSettings] = None) -> Optional[dict]:
+def screen(model, tok, data, vectors: VectorSet, out, settings: Optional[ScreenSettings] = None,
+           llm=None) -> Optional[dict]:
     """Screen the JSONL training set ``data``; writes into folder ``out`` and returns the
-    summary (on rank 0; other ranks return None). Rerunning with the same folder resumes."""
+    summary (on rank 0; other ranks return None). Rerunning with the same folder resumes.
+    ``settings.engine="vllm"``: on ``llm`` (a running engine started with capture), else on an
+    engine started and closed here; one process."""
     s = settings or ScreenSettings()
+    if s.engine not in ("hf", "vllm"):
+        raise ValueError(f"engine must be 'hf' or 'vllm', got {s.engine!r}")
+    if s.engine == "vllm" and dist.world_size() > 1:
+        raise ValueError("engine='vllm' runs in one process (vLLM batches the work itself); run it without "
+                         "torchrun/accelerate, or use engine='hf' under a launcher")
     for k in ("batch_size", "chunk_batches", "max_new_tokens"):   # before run.json pins a folder to them
         if getattr(s, k) < 1:
             raise ValueError(f"{k} must be at least 1, got {getattr(s, k)}")
@@ -219,7 +237,8 @@ def screen(model, tok, data, vectors: VectorSet, out, settings: Optional[ScreenS
     main = dist.is_main()
     manifest = {"data": str(data.resolve()) if data.exists() else str(data), "traits": traits, "layers": layers,
                 "model": model_fingerprint(model), "chunk": chunk, "rank_by": rank_column,
-                "settings": {k: v for k, v in asdict(s).items() if k not in ("progress", "on_error")}}
+                "settings": {k: v for k, v in asdict(s).items() if k not in ("progress", "on_error")
+                             and not (k == "engine" and v == "hf")}}   # run folders of older versions resume
     with tempfile.TemporaryFile("w+", encoding="utf-8") as bad:
         # the data are validated before anything is created or computed, and the malformed
         # list moves into the output folder only once the folder is known to be this run's
@@ -240,9 +259,19 @@ def screen(model, tok, data, vectors: VectorSet, out, settings: Optional[ScreenS
     bar = tqdm(total=sum(min(chunk, n_valid - c * chunk) for c in todo), desc="screening", unit="sample",
                disable=not (s.progress and main))
     todo_set = set(todo)
-    for c, samples in iter_chunks(data, chunk):
-        if c in todo_set:
-            _process_chunk(model, tok, c, samples, c * chunk, units, order, s, rank_column, out, bar)
+    own = None
+    if s.engine == "vllm" and llm is None and todo:
+        from ..extraction.vllm_generate import start_engine
+        llm = own = start_engine(model, capture=True)
+    try:
+        for c, samples in iter_chunks(data, chunk):
+            if c in todo_set:
+                _process_chunk(model, tok, c, samples, c * chunk, units, order, s, rank_column, out, bar,
+                               llm if s.engine == "vllm" else None)
+    finally:
+        if own is not None:
+            from ..vllm.engine import close_llm
+            close_llm(own)
     bar.close()
     dist.barrier()
     if not main:

@@ -74,7 +74,8 @@ class CaptureTables:
                     if not self.free:  # cannot happen with slots >= max_num_seqs
                         raise RuntimeError("personakern: no free capture slot (more capturing requests "
                                            "than the engine's max_num_seqs)")
-                    e = self.active[rid] = _Slot(self.free.pop(), plan, p)
+                    e = self.active[rid] = _Slot(self.free.pop(), plan, plan.capture_prompt_length or p)
+                p = e.prompt_len
                 pos = np.arange(s, s + n)
                 new = pos >= e.covered
                 e.covered = max(e.covered, s + n)

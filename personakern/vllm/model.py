@@ -113,7 +113,7 @@ class PersonaEngine:
         column (its own if ``name`` was set before, else the next free one)."""
         from .live import catalog_with
         self.catalog, t = catalog_with(self.catalog, name, vectors, layer)
-        self.tables.set_trait(t, torch.from_numpy(vectors))
+        self.tables.set_trait(t, torch.from_numpy(np.array(vectors, dtype=np.float32)))
         self._plans.clear()
         return t
 

@@ -35,6 +35,7 @@ class RequestPlan:
     monitor_layers: tuple = ()
     capture_kinds: tuple = ()             # names, personakern.state.KINDS order not required
     capture_layers: tuple = ()
+    capture_prompt_length: int = None     # None: the request's own prompt length
 
     @property
     def steers(self) -> bool:
@@ -89,4 +90,5 @@ def build_plan(spec: Spec, catalog: Catalog, gated_slots: int) -> RequestPlan:
                         f"has {gated_slots} conditional columns (PERSONAKERN_VLLM_WHEN_SLOTS)")
     mon_t = tuple(catalog.index(t) for t in spec.monitor_traits)
     return RequestPlan(spec, coef, [GatedEntry(k, v) for k, v in gated.items()], lo, hi,
-                       mon_t, tuple(spec.monitor_layers), tuple(spec.capture_kinds), tuple(spec.capture_layers))
+                       mon_t, tuple(spec.monitor_layers), tuple(spec.capture_kinds), tuple(spec.capture_layers),
+                       spec.capture_prompt_length)

@@ -28,7 +28,7 @@ from ..state import POSITION_MODES
 KEY = "personakern"  # the key in SamplingParams.extra_args / vllm_xargs
 _STEER_FIELDS = {"trait", "alpha", "layers", "positions", "cap", "ablate", "when"}
 _MONITOR_FIELDS = {"traits", "layers"}
-_CAPTURE_FIELDS = {"kinds", "layers"}
+_CAPTURE_FIELDS = {"kinds", "layers", "prompt_length"}
 
 
 class SpecError(ValueError):
@@ -88,6 +88,7 @@ class Spec:
     monitor_layers: tuple[int, ...] = ()
     capture_kinds: tuple[str, ...] = ()
     capture_layers: tuple[int, ...] = ()
+    capture_prompt_length: Optional[int] = None   # None: the request's prompt
 
     @property
     def steers(self) -> bool:
@@ -113,6 +114,8 @@ class Spec:
             out["monitor"] = {"traits": list(self.monitor_traits), "layers": list(self.monitor_layers)}
         if self.capture_kinds:
             out["capture"] = {"kinds": list(self.capture_kinds), "layers": list(self.capture_layers)}
+            if self.capture_prompt_length is not None:
+                out["capture"]["prompt_length"] = self.capture_prompt_length
         return out
 
     def steering_salt(self) -> Optional[str]:
@@ -159,10 +162,11 @@ def parse_spec(raw: Any, catalog: Catalog) -> Spec:
         traits, layers = _monitor(mon, catalog)
     kinds: tuple[str, ...] = ()
     cap_layers: tuple[int, ...] = ()
+    cap_plen = None
     cap = raw.get("capture")
     if cap is not None and cap is not False:
-        kinds, cap_layers = _capture(cap, catalog)
-    return Spec(entries, traits, layers, kinds, cap_layers)
+        kinds, cap_layers, cap_plen = _capture(cap, catalog)
+    return Spec(entries, traits, layers, kinds, cap_layers, cap_plen)
 
 
 def _steer_entry(e: Any, i: int, cat: Catalog) -> SteerEntry:
@@ -247,10 +251,11 @@ def _monitor(mon: Any, cat: Catalog) -> tuple[tuple[str, ...], tuple[int, ...]]:
     return tuple(names), layer_t
 
 
-def _capture(cap: Any, cat: Catalog) -> tuple[tuple[str, ...], tuple[int, ...]]:
+def _capture(cap: Any, cat: Catalog) -> tuple[tuple[str, ...], tuple[int, ...], Optional[int]]:
     where = f"{KEY}.capture"
     if cap is True:
         cap = {}
+    # "capture" with "prompt_length": a teacher-forced answer sent as the prompt (max_tokens=1)
     if not isinstance(cap, dict):
         raise SpecError(f"{where} must be true or an object {{\"kinds\": ..., \"layers\": ...}}, got {cap!r}")
     unknown = set(cap) - _CAPTURE_FIELDS
@@ -270,7 +275,12 @@ def _capture(cap: Any, cat: Catalog) -> tuple[tuple[str, ...], tuple[int, ...]]:
     if bad:
         raise SpecError(f"{where}.kinds: unknown kind(s) {bad}; kinds: {list(CAPTURE_KINDS)}")
     layers = cap.get("layers", "all")
-    return tuple(dict.fromkeys(kinds)), _layers("all" if layers is None else layers, f"{where}.layers", cat)
+    plen = cap.get("prompt_length")
+    if plen is not None and (isinstance(plen, bool) or not isinstance(plen, int) or plen < 1):
+        raise SpecError(f"{where}.prompt_length must be a positive int (tokens that count as prompt; the rest "
+                        f"of the fed tokens count as response), got {plen!r}")
+    return (tuple(dict.fromkeys(kinds)), _layers("all" if layers is None else layers, f"{where}.layers", cat),
+            plen)
 
 
 def _trait(t: Any, where: str, cat: Catalog) -> str:
