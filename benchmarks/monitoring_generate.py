@@ -9,7 +9,7 @@ import torch
 def generate_monitored(model, tok, handle, messages, settings, seed):
     """Answers and ``[B, L, M]`` last-prompt-token projections for chat ``messages`` (one list of
     messages per row, ending with the user turn), in one monitored ``generate``."""
-    from personakern.extraction.generate import eos_ids, left_pad
+    from personakern.extraction.generate import decode_answer, eos_ids, left_pad
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     seqs = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
@@ -24,10 +24,7 @@ def generate_monitored(model, tok, handle, messages, settings, seed):
     # left padding: every row's prompt ends at the same absolute column, the batch width
     assert bool((readings.prompt_lengths == ids.shape[1]).all()), readings.prompt_lengths
     eos = eos_ids(model, tok)
-    answers = []
-    for row in out[:, ids.shape[1]:].tolist():
-        cut = next((k for k, t in enumerate(row) if t in eos), len(row))
-        answers.append(tok.decode(row[:cut], skip_special_tokens=True).strip())
+    answers = [decode_answer(tok, row, eos) for row in out[:, ids.shape[1]:].tolist()]
     return answers, readings.last_prompt_token(), [len(s) for s in seqs]
 
 
@@ -35,7 +32,7 @@ def generate_monitored_vllm(llm, model, tok, trait, messages, settings, seed):
     """:func:`generate_monitored` on a vLLM engine: one request per row, each monitoring ``trait``
     at every block with its own seed; ``[B, L, 1]`` last-prompt-token projections."""
     from vllm import TokensPrompt
-    from personakern.extraction.generate import batch_seed, eos_ids
+    from personakern.extraction.generate import batch_seed, decode_answer, eos_ids
     from personakern.extraction.vllm_generate import sampling_params
     from personakern.vllm import readings
     seqs = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
@@ -45,10 +42,6 @@ def generate_monitored_vllm(llm, model, tok, trait, messages, settings, seed):
     outs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs],
                         [sampling_params(settings, eos, batch_seed(seed, i), spec) for i in range(len(seqs))],
                         use_tqdm=False)
-    answers, lpt = [], []
-    for s, o in zip(seqs, outs):
-        row = list(o.outputs[0].token_ids)
-        cut = next((k for k, t in enumerate(row) if t in eos), len(row))
-        answers.append(tok.decode(row[:cut], skip_special_tokens=True).strip())
-        lpt.append(readings(o).values[0, len(s) - 1])                          # [L, 1]
+    answers = [decode_answer(tok, o.outputs[0].token_ids, eos) for o in outs]
+    lpt = [readings(o).values[0, len(s) - 1] for s, o in zip(seqs, outs)]      # [L, 1] each
     return answers, torch.stack(lpt), [len(s) for s in seqs]

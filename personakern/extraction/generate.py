@@ -72,6 +72,13 @@ def eos_ids(model, tok) -> set:
     return set(eos) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
 
 
+def decode_answer(tok, row: Sequence[int], eos) -> str:
+    """A generated row of token ids as the answer: up to (not including) the first EOS id,
+    decoded without special tokens, stripped."""
+    cut = next((k for k, t in enumerate(row) if t in eos), len(row))
+    return tok.decode(list(row[:cut]), skip_special_tokens=True).strip()
+
+
 def batch_seed(seed: int, b: int) -> int:
     """The sampling seed of batch ``b`` of a run seeded ``seed`` (a rerun or another rank
     draws the same answers for that batch)."""
@@ -111,10 +118,8 @@ def generate_batch(model, tok, jobs: Sequence[dict], settings: GenSettings, seed
                 means = cap.means().transpose(1, 2).cpu()
         else:
             out = model.generate(input_ids=ids, attention_mask=mask, **kw)
-    answers = []
-    for row in out[:, ids.shape[1]:ids.shape[1] + settings.max_new_tokens].tolist():
-        cut = next((k for k, t in enumerate(row) if t in eos), len(row))
-        answers.append(tok.decode(row[:cut], skip_special_tokens=True).strip())
+    answers = [decode_answer(tok, row, eos)
+               for row in out[:, ids.shape[1]:ids.shape[1] + settings.max_new_tokens].tolist()]
     return (answers, means) if capture else answers
 
 

@@ -49,7 +49,7 @@ from ..vectors import PersonaVector, VectorSet, model_fingerprint
 from ..state import KINDS
 from .generate import ActStore, GenSettings, RankedLog, generate_cached, settings_hash
 from .spec import TraitSpec, load_spec
-from .sweep import ENGINES as SWEEP_ENGINES
+from .vllm_generate import check_engine
 from .sweep import choose_layer, default_sweep_layers, steering_sweep  # noqa: F401 (re-exported)
 
 
@@ -187,12 +187,8 @@ def extract(model, tok, trait: Union[str, dict, TraitSpec], judge, out_dir: Unio
     cfg = cfg or ExtractConfig()
     if cfg.judge_chunk < 1:   # checked here, not after generating everything
         raise ValueError(f"judge_chunk must be at least 1, got {cfg.judge_chunk}")
-    for what, value in (("engine", cfg.engine), ("sweep engine", cfg.sweep_engine)):
-        if value not in SWEEP_ENGINES:
-            raise ValueError(f"{what} must be one of {SWEEP_ENGINES}, got {value!r}")
-    if cfg.engine == "vllm" and distributed.world_size() > 1:
-        raise ValueError("engine='vllm' runs in one process (vLLM batches the work itself); run it without "
-                         "torchrun/accelerate, or use engine='hf' under a launcher")
+    check_engine(cfg.engine)
+    check_engine(cfg.sweep_engine, "sweep engine")
     main = distributed.is_main()
     if not main:
         progress, log = False, (lambda s: None)

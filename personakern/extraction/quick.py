@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..vectors import PersonaVector, VectorFileError, VectorSet, model_fingerprint
 from .collect import capture_sequences
-from .generate import eos_ids, left_pad
+from .generate import decode_answer, eos_ids, left_pad
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_TRAIT = "evil"
@@ -84,8 +84,7 @@ def generate_contrastive(model, tok, trait_spec: Union[str, dict] = DEFAULT_TRAI
                                      temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                      pad_token_id=pad_id)
             for (s, q), row in zip(batch, gen[:, ids.shape[1]:].tolist()):
-                cut = next((j for j, t in enumerate(row) if t in eos), len(row))
-                answer = tok.decode(row[:cut], skip_special_tokens=True).strip()
+                answer = decode_answer(tok, row, eos)
                 if answer:
                     out.append((s, q, answer))
         sides.append(out)

@@ -28,7 +28,7 @@ from ..vectors import PersonaVector, VectorSet, model_fingerprint
 from .generate import RankedLog, generate_cached, settings_hash
 from .spec import TraitSpec
 
-ENGINES = ("hf", "vllm")
+from .vllm_generate import ENGINES, check_engine  # noqa: F401 (ENGINES re-exported)
 
 
 def default_sweep_layers(num_layers: int, k: int = 6) -> List[int]:
@@ -44,16 +44,12 @@ def steering_sweep(model, tok, spec: TraitSpec, vectors: torch.Tensor, judge, ou
     ``out`` (a rerun resumes). ``llm``: a running vLLM engine with a free trait column
     (``start_engine(..., spare=1)``) to use instead of starting one on a vector file."""
     from .pipeline import _mean, judge_cached   # the pipeline imports this module
-    if engine not in ENGINES:
-        raise ValueError(f"sweep engine must be one of {ENGINES}, got {engine!r}")
+    check_engine(engine, "sweep engine")
     L = vectors.shape[0]
     layers = cfg.sweep_layers or default_sweep_layers(L)
     bad = [l for l in layers if not 0 <= l < L]
     if bad:
         raise ValueError(f"sweep layers {bad} out of range [0, {L - 1}]")
-    if engine == "vllm" and distributed.world_size() > 1:
-        raise ValueError("the vLLM sweep runs in one process (one engine batches every cell); run it "
-                         "without a launcher, or use the HF engine to share cells among ranks")
     questions = list(spec.eval_questions[:cfg.sweep_questions])
     skey = settings_hash(key, list(map(float, vectors.flatten()[:64].tolist())), float(vectors.norm()),
                          *(["vllm"] if engine == "vllm" else []))   # sampled answers differ by engine

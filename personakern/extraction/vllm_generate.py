@@ -17,7 +17,22 @@ from typing import Dict, Optional, Sequence
 from tqdm.auto import tqdm
 
 from ..state import KINDS
-from .generate import GenSettings, batch_seed, chat_ids, eos_ids
+from .generate import GenSettings, batch_seed, chat_ids, decode_answer, eos_ids
+
+#: what may generate a pipeline stage's answers
+ENGINES = ("hf", "vllm")
+
+
+def check_engine(engine: str, what: str = "engine") -> None:
+    """Refuse an unknown engine, and the vLLM engine under a launcher: it runs in one process
+    (one engine batches the whole stage; for more hardware, vLLM's own tensor parallelism)."""
+    from .. import distributed
+    if engine not in ENGINES:
+        raise ValueError(f"{what} must be one of {ENGINES}, got {engine!r}")
+    if engine == "vllm" and distributed.world_size() > 1:
+        raise ValueError(f"{what} 'vllm' runs in one process (vLLM batches the work itself); run it without "
+                         f"torchrun/accelerate, or use the HF engine under a launcher")
+
 
 #: requests per ``generate`` call: what a kill can lose; vLLM batches within a call
 CHUNK = 512
@@ -142,10 +157,8 @@ def generate_vllm_cached(llm, tok, model, jobs: Sequence[dict], cache, settings:
             acts.write(acts.next_index(), rows)
         new = []
         for j, o in zip(part, outs):
-            row = list(o.outputs[0].token_ids)[:M]
-            cut = next((k for k, t in enumerate(row) if t in eos), len(row))
             rec = {k: v for k, v in j.items() if k not in ("spec", "seed")}
-            rec["answer"] = tok.decode(row[:cut], skip_special_tokens=True).strip()
+            rec["answer"] = decode_answer(tok, o.outputs[0].token_ids[:M], eos)
             if j["id"] not in done:
                 new.append(rec)
         cache.append(new)
@@ -159,7 +172,6 @@ def _with_capture(spec: Optional[dict], capture: bool) -> Optional[dict]:
     if not capture:
         return spec
     return dict(spec or {}, capture={"kinds": list(KINDS), "layers": "all"})
-
 
 
 def generate_runs_vllm(model, tok, runs, progress: bool = True, llm=None) -> list:

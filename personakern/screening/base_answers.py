@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..extraction.generate import GenSettings, batch_seed, eos_ids, left_pad
+from ..extraction.generate import GenSettings, batch_seed, decode_answer, eos_ids, left_pad
 from ..utils import JsonlLog
 
 
@@ -32,11 +32,7 @@ def generate_ids(model, tok, prompts: Sequence[List[int]], settings: GenSettings
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids, attention_mask=mask, **kw)
     eos = eos_ids(model, tok)
-    answers = []
-    for row in out[:, ids.shape[1]:].tolist():
-        cut = next((k for k, t in enumerate(row) if t in eos), len(row))
-        answers.append(tok.decode(row[:cut], skip_special_tokens=True).strip())
-    return answers
+    return [decode_answer(tok, row, eos) for row in out[:, ids.shape[1]:].tolist()]
 
 
 def base_answers(model, tok, keys: Sequence[int], prompts: Sequence[List[int]], cache: JsonlLog,

@@ -47,6 +47,12 @@ def project_sequences(model, seqs: Sequence[Tuple[List[int], int]], units: Dict[
     pad_id = 0 if pad_id is None or isinstance(pad_id, list) else pad_id
     means = capture_sequences(model, seqs, ("response", "last_prompt"), order_l, batch_size, max_tokens_per_batch,
                               pad_id, skip_rest=True)                          # [N, Lc, 2, D]
-    proj = [means[:, i] @ units[l].to(device='cpu', dtype=torch.float32).T for i, l in enumerate(order_l)]   # [N, 2, M_l]
-    proj = torch.cat(proj, dim=-1)
+    return project_means(means, units)
+
+
+def project_means(means: torch.Tensor, units: Dict[int, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[N, Lc, 2, D]`` response / last-prompt means at the blocks of ``units`` (ascending) as
+    ``(response [N, M], last_prompt [N, M])`` projections on their unit vectors."""
+    proj = [means[:, i] @ units[l].to(device='cpu', dtype=torch.float32).T for i, l in enumerate(sorted(units))]
+    proj = torch.cat(proj, dim=-1)                                             # [N, 2, M]
     return proj[:, 0].contiguous(), proj[:, 1].contiguous()

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed as dist
 from ..extraction.generate import GenSettings
+from ..extraction.vllm_generate import check_engine
 from ..utils import JsonlLog, atomic_write, atomic_write_json
 from ..vectors import VectorSet, model_fingerprint
 from .base_answers import base_answers
@@ -222,11 +223,7 @@ def screen(model, tok, data, vectors: VectorSet, out, settings: Optional[ScreenS
     ``settings.engine="vllm"``: on ``llm`` (a running engine started with capture), else on an
     engine started and closed here; one process."""
     s = settings or ScreenSettings()
-    if s.engine not in ("hf", "vllm"):
-        raise ValueError(f"engine must be 'hf' or 'vllm', got {s.engine!r}")
-    if s.engine == "vllm" and dist.world_size() > 1:
-        raise ValueError("engine='vllm' runs in one process (vLLM batches the work itself); run it without "
-                         "torchrun/accelerate, or use engine='hf' under a launcher")
+    check_engine(s.engine)
     for k in ("batch_size", "chunk_batches", "max_new_tokens"):   # before run.json pins a folder to them
         if getattr(s, k) < 1:
             raise ValueError(f"{k} must be at least 1, got {getattr(s, k)}")

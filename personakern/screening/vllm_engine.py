@@ -14,8 +14,9 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from ..extraction.generate import GenSettings, batch_seed, eos_ids
+from ..extraction.generate import GenSettings, batch_seed, decode_answer, eos_ids
 from ..utils import JsonlLog
+from .project import project_means
 
 
 def project_sequences_vllm(llm, seqs: Sequence[Tuple[List[int], int]], units: Dict[int, torch.Tensor]):
@@ -40,10 +41,7 @@ def project_sequences_vllm(llm, seqs: Sequence[Tuple[List[int], int]], units: Di
         if got is None:
             raise RuntimeError("personakern: the vLLM engine returned no activations; start it with capture=True")
         means.append(got["means"])                                          # [Lc, 2, D]
-    means = torch.stack(means)                                              # [N, Lc, 2, D]
-    proj = [means[:, i] @ units[l].to(device="cpu", dtype=torch.float32).T for i, l in enumerate(order_l)]
-    proj = torch.cat(proj, dim=-1)
-    return proj[:, 0].contiguous(), proj[:, 1].contiguous()
+    return project_means(torch.stack(means), units)                         # means [N, Lc, 2, D]
 
 
 def base_answers_vllm(llm, tok, model, keys: Sequence[int], prompts: Sequence[List[int]], cache: JsonlLog,
@@ -59,11 +57,7 @@ def base_answers_vllm(llm, tok, model, keys: Sequence[int], prompts: Sequence[Li
         params = [sampling_params(settings, eos, batch_seed(settings.seed, k) if seeded else None, None)
                   for k, _ in todo]
         outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for _, p in todo], params, use_tqdm=False)
-        new = []
-        for (k, _), o in zip(todo, outs):
-            row = list(o.outputs[0].token_ids)
-            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-            new.append({"k": k, "answer": tok.decode(row[:cut], skip_special_tokens=True).strip()})
+        new = [{"k": k, "answer": decode_answer(tok, o.outputs[0].token_ids, eos)} for (k, _), o in zip(todo, outs)]
         cache.append(new)
         done.update((r["k"], r["answer"]) for r in new)
     if bar is not None:

@@ -37,7 +37,7 @@ class StepTables:
         self.ops = ops
         f32 = dict(dtype=torch.float32, device=device)
         vec = vectors.to(**f32)
-        self.unit = (vec / vec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)).contiguous()
+        self.unit = _unit(vec).contiguous()
         self.steer = torch.zeros(L, S, D, **f32)
         self.steer[:, :T] = vec
         self.gate = torch.zeros(L, S, D, **f32) if G else None
@@ -170,7 +170,7 @@ class StepTables:
         vec = vectors.to(self._vectors)
         self._vectors[:, t] = vec
         self.steer[:, t] = vec
-        self.unit[:, t] = vec / vec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        self.unit[:, t] = _unit(vec)
         for j, key in enumerate(self._gated_keys):
             if key is not None and t in (key[0], key[1]):
                 self._gated_keys[j] = None
@@ -191,3 +191,8 @@ class StepTables:
             self.thr[:n] if self.thr is not None else None)
         self.readings[block, :n].copy_(readings)
         return normed, out
+
+
+def _unit(vec: torch.Tensor) -> torch.Tensor:
+    """Unit vectors along the last dimension (zero vectors stay zero)."""
+    return vec / vec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
