@@ -18,9 +18,9 @@ def hook_edit(model, layer, edit, attention_mask, positions="all"):
         prompt = calls["n"] == 0
         calls["n"] += 1
         if prompt:
-            mask = attention_mask[:, -out.shape[1]:].bool()
+            mask = attention_mask[:, -out.shape[1]:].bool().to(out.device)
         else:
-            mask = torch.ones(out.shape[:2], dtype=torch.bool)
+            mask = torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
         on = positions == "all" or (positions == "prompt") == prompt
         new = torch.where((mask & on)[:, :, None], edit(out), out)
         return (new, *output[1:]) if isinstance(output, tuple) else new
@@ -35,7 +35,7 @@ def hook_edit(model, layer, edit, attention_mask, positions="all"):
 def hook_steering(model, vector, layer, alpha, attention_mask, positions="all"):
     """Add ``alpha[b] * vector[layer]`` to block ``layer``'s output (see :func:`hook_edit`)."""
     alpha = torch.as_tensor(alpha, dtype=torch.float32).reshape(-1, 1, 1)
-    return hook_edit(model, layer, lambda h: h + (alpha * vector[layer]).to(h.dtype), attention_mask, positions)
+    return hook_edit(model, layer, lambda h: h + (alpha * vector[layer]).to(h.device, h.dtype), attention_mask, positions)
 
 
 @contextlib.contextmanager

@@ -227,6 +227,28 @@ def test_leading_dims_and_noncontiguous():
     run_both("add_rms_norm", torch.float32, (xt, xt, torch.randn(40), EPS), {})
 
 
+def test_float64_rows_with_float32_vectors():
+    """A float64 model's rows with the float32 vectors the handle prepares: native (and every
+    backend's fallback to it) works in float64 throughout; checked against a float64 sum
+    written out here. (It used to fail: float64 rows @ float32 vectors.)"""
+    g = torch.Generator().manual_seed(4)
+    n, d = 3, 40
+    h, dl = torch.randn(n, d, dtype=torch.float64, generator=g), torch.randn(n, d, dtype=torch.float64, generator=g)
+    steer, gate, clamp, readout = (torch.randn(k, d, generator=g) for k in (2, 2, 1, 8))
+    coef, thr = torch.randn(n, 2, generator=g), torch.zeros(n, 2)
+    lo, hi = torch.full((n, 1), -1.0), torch.full((n, 1), 0.5)
+    x = h + dl
+    p = x @ gate.double().t()
+    x = x + torch.where(p > 0, coef.double(), 0.0) @ steer.double()
+    q = x @ clamp.double().t()
+    x = x - (q - q.clamp(-1.0, 0.5)) @ clamp.double()
+    for backend in (native, cpu):
+        out, readings = backend.steer_project(h, dl, steer, coef, clamp, lo, hi, readout, gate, thr)
+        assert out.dtype == torch.float64 and readings.dtype == torch.float32
+        assert (out - x).abs().max() <= 1e-12
+        assert (readings - (x @ readout.double().t()).float()).abs().max() <= 1e-5
+
+
 def test_fallbacks_to_native():
     # autograd: native builds the graph
     t = make(3, 40, torch.float32, s=1, c=1, m=1)

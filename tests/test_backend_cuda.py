@@ -283,7 +283,7 @@ def test_fallbacks_to_native(backend):
     f64 = make_case(3, 40, torch.float32, seed=2)
     f64.hidden, f64.delta, f64.weight = f64.hidden.double(), f64.delta.double(), f64.weight.double()
     mixed = make_case(3, 40, torch.bfloat16, seed=2)
-    mixed.weight = mixed.weight.float()
+    mixed.weight, mixed.delta = mixed.weight.float(), mixed.delta.float()  # every op sees mixed dtypes
     for case in (cpu, f64, mixed):
         got, ref = run_ops(backend, case, False), run_ops(native, case, False)
         for name, r in ref.items():

@@ -29,9 +29,9 @@ DRIVER = r"""
 #include <cstdio>
 #include "launch_plan.h"
 int main() {
-  long long dim, vec, st, def, opt;
-  while (std::scanf("%lld %lld %lld %lld %lld", &dim, &vec, &st, &def, &opt) == 5) {
-    const auto p = personakern_cuda::launch::plan(dim, static_cast<int>(vec), st, def, opt);
+  long long dim, vec, st, def, opt, rows;
+  while (std::scanf("%lld %lld %lld %lld %lld %lld", &dim, &vec, &st, &def, &opt, &rows) == 6) {
+    const auto p = personakern_cuda::launch::plan(dim, static_cast<int>(vec), st, def, opt, rows);
     std::printf("%d %d %d %zu %d\n", p.group, p.rows_per_block, p.cached ? 1 : 0, p.dynamic_smem, p.opt_in ? 1 : 0);
   }
 }
@@ -51,7 +51,8 @@ def plan(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr
 
     def run(cases):
-        text = "".join(f"{d} {v} {s} {df} {o}\n" for d, v, s, df, o in cases)
+        # a sixth number, the row count, is optional: -1 (many rows) when left out
+        text = "".join(" ".join(str(x) for x in (*c, -1)[:6]) + "\n" for c in cases)
         out = subprocess.run([str(exe)], input=text, capture_output=True, text=True, timeout=60, check=True).stdout
         rows = [tuple(int(x) for x in line.split()) for line in out.splitlines()]
         assert len(rows) == len(cases)
@@ -112,3 +113,21 @@ def test_group_sizes(plan):
     got = plan([(d, v, STATIC, DEFAULT, H100) for d, v in cases])
     want = [(32, 4), (64, 1), (64, 1), (256, 1), (256, 1), (512, 1), (512, 1), (512, 1)]
     assert [(p["group"], p["rows_per_block"]) for p in got] == want
+
+
+def test_few_rows_spread_over_a_thread_per_vector(plan):
+    # fewer than 65536 threads at 4 vectors a thread: a thread per vector (whole warps, <= 512)
+    cases = [
+        ((2048, 8, STATIC, DEFAULT, H100, 1), (256, 1)),       # decode, bf16 D=2048: 256 vectors
+        ((2048, 8, STATIC, DEFAULT, H100, 1023), (256, 1)),    # 1023 x 64 = 65472 < 65536
+        ((2048, 8, STATIC, DEFAULT, H100, 1024), (64, 1)),     # 1024 x 64 = 65536: enough rows
+        ((4096, 4, STATIC, DEFAULT, H100, 64), (512, 1)),      # fp32 D=4096: 1024 vectors, capped
+        ((12288, 8, STATIC, DEFAULT, H100, 1), (512, 1)),      # 1536 vectors, capped
+        ((1032, 8, STATIC, DEFAULT, H100, 3), (160, 1)),       # 129 vectors: 5 warps
+        ((1024, 8, STATIC, DEFAULT, H100, 1), (32, 4)),        # warp-per-row rows stay so
+        ((2048, 8, STATIC, DEFAULT, H100, -1), (64, 1)),       # row count unknown: many
+    ]
+    got = plan([c for c, _ in cases])
+    for (case, want), p in zip(cases, got):
+        assert (p["group"], p["rows_per_block"]) == want, case
+        assert p["cached"] and p["dynamic"] == 4 * case[0] * want[1], case

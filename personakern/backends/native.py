@@ -30,6 +30,11 @@ def _acc(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _as(vectors: Tensor, h32: Tensor) -> Tensor:
+    """The float32 vectors in the rows' accumulation dtype (float64 rows: float64)."""
+    return vectors.to(h32.dtype)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tensor:
     """``rmsnorm(x) * w`` exactly as Hugging Face computes it for the family.
 
@@ -74,18 +79,18 @@ def steer_project(
     """
     h = hidden.clone() if delta is None else hidden + delta  # never alias an input (custom-op rule)
     if steer_vecs is None and clamp_vecs is None:
-        readings = None if readout is None else (_acc(h) @ _acc(readout).t()).float()
+        readings = None if readout is None else (_acc(h) @ _as(readout, _acc(h)).t()).float()
         return h, readings
     dtype = h.dtype
     h32 = _acc(h)
     if steer_vecs is not None:
-        h32 = h32 + gated_coef(h32, coef, gate_vecs, gate_thr) @ _acc(steer_vecs)
+        h32 = h32 + _as(gated_coef(h32, coef, gate_vecs, gate_thr), h32) @ _as(steer_vecs, h32)
     if clamp_vecs is not None:
-        c = _acc(clamp_vecs)
+        c = _as(clamp_vecs, h32)
         p = h32 @ c.t()
         excess = p - torch.maximum(torch.minimum(p, _acc(clamp_hi)), _acc(clamp_lo))
         h32 = h32 - excess @ c
-    readings = None if readout is None else (h32 @ _acc(readout).t()).float()
+    readings = None if readout is None else (h32 @ _as(readout, h32).t()).float()
     return h32.to(dtype), readings
 
 
@@ -96,7 +101,7 @@ def gated_coef(h32: Tensor, coef: Tensor, gate_vecs: Optional[Tensor], gate_thr:
         return coef
     if gate_thr is None:
         raise ValueError("gate_vecs needs gate_thr [N, S]")
-    p = h32 @ _acc(gate_vecs).t()
+    p = h32 @ _as(gate_vecs, h32).t()
     return torch.where(p > _acc(gate_thr), coef, torch.zeros_like(coef))
 
 

@@ -16,6 +16,11 @@ constexpr int kMaxThreads = 512;
 constexpr int kVecsPerThread = 4;
 constexpr int kWarpRowMaxVecs = kWarp * kVecsPerThread;
 constexpr int kRowsPerWarpBlock = 4;
+// Threads that keep a GPU's memory busy (an H100/H200 holds 132 SMs x 2048). A launch whose
+// rows, at kVecsPerThread vectors a thread, give fewer threads than this (decode: a handful of
+// rows) spreads each row over a thread per vector instead: the row's passes then take one
+// memory latency each rather than kVecsPerThread.
+constexpr int64_t kFillThreads = 65536;
 
 struct Plan {
   int group = 0;             // threads per row: one warp, or a block of up to kMaxThreads
@@ -33,14 +38,17 @@ struct Plan {
 // 163 KB on A100, 0 if unknown). Both limits bound the static and the dynamic memory together,
 // so the sum is what is compared: a row cache that fits in 48 KB on its own can still take the
 // block past 48 KB. Rows whose cache fits nowhere are recomputed from global memory instead.
-inline Plan plan(int64_t dim, int vec, size_t static_smem, size_t default_limit, size_t optin_limit) {
+// rows: the launch's row count; -1 (unknown) plans for many rows.
+inline Plan plan(int64_t dim, int vec, size_t static_smem, size_t default_limit, size_t optin_limit,
+                 int64_t rows = -1) {
   Plan p;
   const int64_t nvec = dim / vec;
   if (nvec <= kWarpRowMaxVecs) {
     p.group = kWarp;
     p.rows_per_block = kRowsPerWarpBlock;
   } else {
-    const int64_t want = (nvec + kVecsPerThread - 1) / kVecsPerThread;
+    int64_t want = (nvec + kVecsPerThread - 1) / kVecsPerThread;
+    if (rows >= 0 && rows * want < kFillThreads) want = nvec;
     const int64_t rounded = (want + kWarp - 1) / kWarp * kWarp;
     p.group = static_cast<int>(rounded < kMaxThreads ? rounded : kMaxThreads);
     p.rows_per_block = 1;

@@ -23,6 +23,7 @@ namespace {
 using namespace detail;
 using launch::kMaxThreads;
 using launch::kRowsPerWarpBlock;
+using launch::kVecsPerThread;
 static_assert(launch::kWarp == kWarp, "launch_plan.h and row_utils.cuh disagree on the warp size");
 
 constexpr int kScratch = (kMaxThreads / kWarp) * (kMaxProj + 1);
@@ -119,6 +120,10 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Args<T> p) {
   if (row >= p.rows) return;
   const int warps = group / kWarp;
   const int64_t nvec = p.dim / VEC;
+  // Chunks whose loads a thread issues together. Measured on an H200 (benchmarks/results/gpu):
+  // for 2-byte types this cut decode-size GPU time by a third and kept prefill sizes level; for
+  // fp32 (64 registers, now spilling) it cost 8-22 % at 16384 rows, so fp32 keeps one at a time.
+  constexpr int kBatch = sizeof(T) == 2 ? kVecsPerThread : 1;
   float* cache = p.cached ? reinterpret_cast<float*>(dyn_smem) + g * p.dim : nullptr;
   const float* coef = p.S > 0 ? p.coef + row * p.S : nullptr;
 
@@ -154,10 +159,24 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Args<T> p) {
   }
 
   if (cache != nullptr) {
-    for (int64_t j = t; j < nvec; j += group) {
-      float v[VEC];
-      compute_h<T, VEC>(p, row, j * VEC, coef, v);
-      store_f<VEC>(cache + j * VEC, v);
+    // The thread's first kBatch chunks (all of them, as the launch plan sizes groups, except on
+    // rows wider than kMaxThreads * kVecsPerThread vectors) are loaded together, then stored:
+    // their global loads are in flight at once rather than one latency each.
+    float v[kBatch][VEC];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t j = t + static_cast<int64_t>(u) * group;
+      if (j < nvec) compute_h<T, VEC>(p, row, j * VEC, coef, v[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t j = t + static_cast<int64_t>(u) * group;
+      if (j < nvec) store_f<VEC>(cache + j * VEC, v[u]);
+    }
+    for (int64_t j = t + static_cast<int64_t>(kBatch) * group; j < nvec; j += group) {
+      float w[VEC];
+      compute_h<T, VEC>(p, row, j * VEC, coef, w);
+      store_f<VEC>(cache + j * VEC, w);
     }
   }
 
@@ -254,11 +273,9 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Args<T> p) {
   }
 
   if (norm) {
-    for (int64_t j = t; j < nvec; j += group) {
-      const int64_t i = j * VEC;
-      float v[VEC], w[VEC], o[VEC];
+    auto normed = [&](int64_t i, const float (&w)[VEC]) {
+      float v[VEC], o[VEC];
       final_h(i, v);
-      load_t<T, VEC>(p.weight + i, w);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const float x = round_to<T>(v[e]);
@@ -267,6 +284,23 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Args<T> p) {
         o[e] = p.gemma ? (x * inv_rms) * (1.f + w[e]) : w[e] * round_to<T>(x * inv_rms);
       }
       store_t<T, VEC>(p.normed + row * p.dim + i, o);
+    };
+    // the weight chunks loaded together first, as the rows were
+    float w[kBatch][VEC];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t j = t + static_cast<int64_t>(u) * group;
+      if (j < nvec) load_t<T, VEC>(p.weight + j * VEC, w[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t j = t + static_cast<int64_t>(u) * group;
+      if (j < nvec) normed(j * VEC, w[u]);
+    }
+    for (int64_t j = t + static_cast<int64_t>(kBatch) * group; j < nvec; j += group) {
+      float wt[VEC];
+      load_t<T, VEC>(p.weight + j * VEC, wt);
+      normed(j * VEC, wt);
     }
   }
 }
@@ -316,11 +350,11 @@ cudaError_t launch_typed(Args<T> p, cudaStream_t stream) {
     optin = 0;  // unknown: stay within the default limit
   }
   launch::Plan plan = launch::plan(p.dim, VEC, static_bytes, static_cast<size_t>(default_limit),
-                                   static_cast<size_t>(optin));
+                                   static_cast<size_t>(optin), p.rows);
   if (plan.opt_in && cudaFuncSetAttribute(rows_kernel<T, VEC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(plan.dynamic_smem)) != cudaSuccess) {
     (void)cudaGetLastError();  // refused: not an error of this launch, recompute the rows instead
-    plan = launch::plan(p.dim, VEC, static_bytes, static_cast<size_t>(default_limit), 0);
+    plan = launch::plan(p.dim, VEC, static_bytes, static_cast<size_t>(default_limit), 0, p.rows);
   }
   p.group = plan.group;
   p.rows_per_block = plan.rows_per_block;
