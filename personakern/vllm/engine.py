@@ -3,9 +3,12 @@
 ``make_llm(model, **overrides)`` resolves personakern's model names (``"smollm2"`` is the cached
 float32 folder of :func:`personakern.models.resolve`), checks that vLLM is importable and has a
 platform to run on, that a local model folder exists, and starts the engine with the settings
-below. Everything else (``PERSONAKERN_VECTORS``, ``VLLM_CPU_KVCACHE_SPACE``, multiprocessing)
-is vLLM's and the caller's: vLLM starts its engine process with ``spawn``, so a script that
-makes an engine needs the ``if __name__ == "__main__":`` guard.
+below. On CPUs the KV cache gets :func:`default_cpu_kv_space` GiB unless
+``$VLLM_CPU_KVCACHE_SPACE`` says otherwise (vLLM's own default takes nearly all free memory, and
+the extraction run beside it was killed for memory on a 24 GB machine). Everything else
+(``PERSONAKERN_VECTORS``, multiprocessing) is vLLM's and the caller's: vLLM starts its engine
+process with ``spawn``, so a script that makes an engine needs the ``if __name__ == "__main__":``
+guard.
 
 This module imports nothing of the rest of personakern but :mod:`personakern.models`.
 """
@@ -61,6 +64,20 @@ def model_folder(model: str) -> str:
     return src  # a hub id; vLLM downloads it
 
 
+KV_SPACE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+
+
+def default_cpu_kv_space() -> int:
+    """GiB of KV cache for personakern's own CPU engines: a quarter of the machine's memory,
+    between 1 and 8 (6 on a 24 GB machine: some 130 000 tokens of SmolLM2 in float32, more than
+    an extraction batch holds, prefix cache included)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - no sysconf
+        return 4
+    return int(max(1, min(8, total // 4)))
+
+
 #: vLLM's switch for an engine-core process of its own
 MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 _IN_PROCESS: "weakref.WeakSet" = weakref.WeakSet()   # open in-process engines made by make_llm
@@ -82,15 +99,29 @@ def make_llm(model: str = "smollm2", *, block_size: Optional[int] = None, **over
         args["block_size"] = block_size
     args.update(overrides)
     folder = model_folder(model)
-    if MULTIPROCESSING_ENV in os.environ or len(_IN_PROCESS):
-        return vllm.LLM(folder, **args)
-    os.environ[MULTIPROCESSING_ENV] = "0"   # read while the engine is built
+    env = {}   # read while the engine is built (a spawned engine process inherits them)
+    if KV_SPACE_ENV not in os.environ and _cpu_platform(vllm):
+        env[KV_SPACE_ENV] = str(default_cpu_kv_space())
+    in_process = MULTIPROCESSING_ENV not in os.environ and not len(_IN_PROCESS)
+    if in_process:
+        env[MULTIPROCESSING_ENV] = "0"
+    os.environ.update(env)
     try:
         llm = vllm.LLM(folder, **args)
     finally:
-        os.environ.pop(MULTIPROCESSING_ENV, None)
-    _IN_PROCESS.add(llm)
+        for key in env:
+            os.environ.pop(key, None)
+    if in_process:
+        _IN_PROCESS.add(llm)
     return llm
+
+
+def _cpu_platform(vllm) -> bool:
+    try:
+        from vllm.platforms import current_platform
+        return bool(current_platform.is_cpu())
+    except Exception:   # pragma: no cover - a vLLM without the probe
+        return False
 
 
 def close_llm(llm) -> None:
