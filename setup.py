@@ -50,7 +50,7 @@ def _aot_kwargs():
     if shutil.which(compiler) is None:
         return _skip(f"no C++ compiler ({compiler})")
     spec = _cpu_build()
-    cap = spec.capability(torch.backends.cpu.get_cpu_capability(), platform.machine())
+    cap = spec.capability(torch.backends.cpu.get_cpu_capability(), platform.machine(), spec.cpu_flags())
     record = spec.record(torch.__version__, cap, platform.machine(), spec.SRC_DIR)
 
     class BuildCpuExtension(BuildExtension):

@@ -447,3 +447,32 @@ def test_streamed_calls_equal_native(dtype, op, call_size):
         run_both(op, dtype, (t["hidden"], t["delta"]), kw)
     else:
         run_both(op, dtype, (t["hidden"], t["delta"], t["weight"], EPS, False), kw)
+
+
+def test_bfloat16_rounding_matches_aten_bit_for_bit():
+    """out = round_bf16(0 + 1 * v): the kernel's float32 -> bfloat16 rounding (one instruction on
+    AVX512-BF16 builds, ATen's integer steps elsewhere) against ATen's ``.to(torch.bfloat16)`` on
+    every kind of float32: random bit patterns, ties, near-overflow, inf, NaN. Subnormal floats
+    round to zero on AVX512-BF16 builds (the instruction's rule) and to ATen's value elsewhere."""
+    from personakern.backends import cpu as cpu_mod
+    g = torch.Generator().manual_seed(11)
+    bits = torch.randint(-2**31, 2**31 - 1, (4093,), generator=g, dtype=torch.int64).to(torch.int32)
+    # (no -0.0: the op adds it to +0.0, which gives +0.0)
+    special = torch.tensor([0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 3.3895313892515355e38, 3.4e38, -3.4e38,
+                            math.inf, -math.inf, math.nan, 1e-39, -1e-39, 1.17549435e-38, 2**-126])
+    v = torch.cat([bits.view(torch.float32), special])
+    d = v.numel()
+    hidden = torch.zeros(1, d, dtype=torch.bfloat16)
+    steer, coef = v[None, :].clone(), torch.ones(1, 1)
+    got = cpu.steer_project(hidden, None, steer, coef)[0][0]
+    ref = v.to(torch.bfloat16)
+    gb, rb = got.view(torch.int16), ref.view(torch.int16)
+    nan = torch.isnan(v)
+    assert torch.equal(torch.isnan(got), nan)
+    sub = (v != 0) & (v.abs() < torch.finfo(torch.float32).tiny) & ~nan
+    normal = ~nan & ~sub
+    assert torch.equal(gb[normal], rb[normal])
+    if cpu_mod._capability() == "AVX512_BF16":
+        assert (got[sub] == 0).all() and sub.sum() >= 2
+    else:
+        assert torch.equal(gb[sub], rb[sub])

@@ -38,6 +38,31 @@ def test_capability_is_the_x86_level_or_default():
     assert cpu_build.capability("AVX512", "aarch64") == "DEFAULT"  # no x86 flags elsewhere
     assert cpu_build.capability("ZVECTOR", "s390x") == "DEFAULT"
     assert cpu_build.capability("DEFAULT", "x86_64") == "DEFAULT"
+    bf16 = frozenset({"avx512f", "avx512_bf16"})
+    assert cpu_build.capability("AVX512", "x86_64", bf16) == "AVX512_BF16"
+    assert cpu_build.capability("AVX2", "x86_64", bf16) == "AVX2"   # torch's level bounds ours
+    assert cpu_build.capability("AVX512", "aarch64", bf16) == "DEFAULT"
+    f = cpu_build.flags("AVX512_BF16")
+    assert "-DCPU_CAPABILITY_AVX512" in f and "-mavx512bf16" in f and "-DPK_AVX512_BF16" in f
+    assert not any("BF16" in x for x in cpu_build.flags("AVX512"))
+
+
+def test_capability_override(monkeypatch):
+    from personakern.backends import cpu
+    monkeypatch.setattr(cpu_build, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(cpu.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv(cpu.CAPABILITY_ENV, raising=False)
+    assert cpu._capability() == "AVX512_BF16"
+    monkeypatch.setenv(cpu.CAPABILITY_ENV, "avx512")
+    assert cpu._capability() == "AVX512"
+    monkeypatch.setenv(cpu.CAPABILITY_ENV, "AVX512_BF16")
+    monkeypatch.setattr(cpu_build, "cpu_flags", lambda: frozenset())
+    with pytest.raises(RuntimeError, match="supports AVX512 at most"):
+        cpu._capability()
+    monkeypatch.setenv(cpu.CAPABILITY_ENV, "sse9")
+    with pytest.raises(RuntimeError, match="not a level"):
+        cpu._capability()
 
 
 def test_flags_are_the_jit_flags_per_level():

@@ -56,8 +56,23 @@ _kind: Optional[str] = None  # "aot" or "jit", once loaded
 _aot_note: Optional[str] = None  # why the ahead-of-time library was not used
 
 
+CAPABILITY_ENV = "PERSONAKERN_CPU_CAPABILITY"
+
+
 def _capability() -> str:
-    return cpu_build.capability(torch.backends.cpu.get_cpu_capability(), platform.machine())
+    """The SIMD level this machine supports, or a lower one named in $PERSONAKERN_CPU_CAPABILITY
+    (e.g. ``AVX512`` on an AVX512-BF16 machine: ATen's own bfloat16 rounding, subnormals kept)."""
+    detected = cpu_build.capability(torch.backends.cpu.get_cpu_capability(), platform.machine(),
+                                    cpu_build.cpu_flags())
+    wanted = os.environ.get(CAPABILITY_ENV, "").strip().upper()
+    if not wanted:
+        return detected
+    order = cpu_build.LEVELS
+    if wanted not in order:
+        raise RuntimeError(f"${CAPABILITY_ENV}={wanted!r}: not a level ({', '.join(order)})")
+    if order.index(wanted) > order.index(detected):
+        raise RuntimeError(f"${CAPABILITY_ENV}={wanted}: this machine supports {detected} at most")
+    return wanted
 
 
 def _flags(cap: str) -> list[str]:

@@ -26,15 +26,36 @@ ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
 }
+# AVX512 plus the BF16 conversion instructions (Cooper Lake, Sapphire Rapids, Zen 4 and later):
+# rounding float32 to bfloat16 in one instruction instead of ATen's eight integer operations,
+# which made the bf16 kernels compute-bound (csrc/cpu/row_math.h). ATen's own code is AVX512.
+ISA_FLAGS["AVX512_BF16"] = ISA_FLAGS["AVX512"] + ["-mavx512bf16"]
+ATEN_LEVEL = {"AVX512_BF16": "AVX512"}
+#: from narrowest to widest (each supports what the ones before it do)
+LEVELS = ("DEFAULT", "AVX2", "AVX512", "AVX512_BF16")
 
 
-def capability(torch_capability: str, machine: str) -> str:
-    """The SIMD level to compile for, from ``torch.backends.cpu.get_cpu_capability()`` and
-    ``platform.machine()``. Only x86 levels get their vector path; others build ATen's portable
-    (or NEON) code."""
-    if machine.lower() in ("x86_64", "amd64") and torch_capability in ISA_FLAGS:
-        return torch_capability
-    return "DEFAULT"
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
+    """The processor's feature flags as the kernel reports them (Linux); empty elsewhere."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def capability(torch_capability: str, machine: str, flags_present: frozenset = frozenset()) -> str:
+    """The SIMD level to compile for, from ``torch.backends.cpu.get_cpu_capability()``,
+    ``platform.machine()`` and the processor's flags (:func:`cpu_flags`). Only x86 levels get
+    their vector path; others build ATen's portable (or NEON) code."""
+    if machine.lower() not in ("x86_64", "amd64") or torch_capability not in ("AVX512", "AVX2"):
+        return "DEFAULT"
+    if torch_capability == "AVX512" and "avx512_bf16" in flags_present:
+        return "AVX512_BF16"
+    return torch_capability
 
 
 def flags(cap: str) -> list[str]:
@@ -45,7 +66,9 @@ def flags(cap: str) -> list[str]:
     # libtorch's copies built for a different ISA.
     out += [f"-DCPU_CAPABILITY=personakern_{cap.lower()}"]
     if cap != "DEFAULT":
-        out += [f"-DCPU_CAPABILITY_{cap}"] + ISA_FLAGS[cap]
+        out += [f"-DCPU_CAPABILITY_{ATEN_LEVEL.get(cap, cap)}"] + ISA_FLAGS[cap]
+    if cap == "AVX512_BF16":
+        out += ["-DPK_AVX512_BF16"]
     return out
 
 

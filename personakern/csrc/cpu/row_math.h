@@ -51,6 +51,21 @@ inline void stream(void* p, const V& v) { v.store(p); }
 inline void stream_fence() {}
 #endif
 
+// Two float vectors rounded to one vector of the model dtype (round to nearest even), ATen's way.
+template <typename T>
+inline Vectorized<T> from_float(const VecF& a, const VecF& b) {
+  return at::vec::convert_from_float<T>(a, b);
+}
+#if defined(PK_AVX512_BF16)
+// One vcvtne2ps2bf16 for ATen's eight integer operations per vector: the same round to nearest
+// even, bit for bit, for every normal value, zero, inf and NaN (a NaN stays a NaN; its payload
+// may differ). Subnormal floats (|x| < 1.2e-38) become zero, as the instruction treats them.
+template <>
+inline Vectorized<c10::BFloat16> from_float<c10::BFloat16>(const VecF& a, const VecF& b) {
+  return Vectorized<c10::BFloat16>((__m512i)_mm512_cvtne2ps_pbh(b, a));
+}
+#endif
+
 // Io<T>: a chunk of W model-dtype elements as NV float vectors. `n < W` only for the row tail,
 // where loads zero-fill (so tails add nothing to dot products) and stores are masked. `nt`
 // stores stream full chunks past the cache; `keep` (optional) receives the stored values as
@@ -68,11 +83,11 @@ struct Io {
   }
   // Rounds f to T in place, so the caller continues with exactly what the model dtype holds.
   static inline void round(VecF* f) {
-    V v = at::vec::convert_from_float<T>(f[0], f[1]);
+    V v = from_float<T>(f[0], f[1]);
     std::tie(f[0], f[1]) = at::vec::convert_to_float<T>(v);
   }
   static inline void store(T* p, int64_t n, const VecF* f, bool nt = false, float* keep = nullptr) {
-    V v = at::vec::convert_from_float<T>(f[0], f[1]);
+    V v = from_float<T>(f[0], f[1]);
     if (n != W) v.store(p, n);
     else if (nt) stream(p, v);
     else v.store(p);
