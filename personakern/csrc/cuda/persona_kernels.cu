@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Args<T> p) {
   const int64_t nvec = p.dim / VEC;
   // Chunks whose loads a thread issues together. Measured on an H200 (benchmarks/results/gpu):
   // for 2-byte types this cut decode-size GPU time by a third and kept prefill sizes level; for
-  // fp32 (64 registers, now spilling) it cost 8-22 % at 16384 rows, so fp32 keeps one at a time.
+  // fp32 (64 registers, now spilling) it cost 6-22 % at 16384 rows, so fp32 keeps one at a time.
   constexpr int kBatch = sizeof(T) == 2 ? kVecsPerThread : 1;
   float* cache = p.cached ? reinterpret_cast<float*>(dyn_smem) + g * p.dim : nullptr;
   const float* coef = p.S > 0 ? p.coef + row * p.S : nullptr;
