@@ -79,8 +79,10 @@ def steer_project(
     """
     h = hidden.clone() if delta is None else hidden + delta  # never alias an input (custom-op rule)
     if steer_vecs is None and clamp_vecs is None:
-        readings = None if readout is None else (_acc(h) @ _as(readout, _acc(h)).t()).float()
-        return h, readings
+        if readout is None:
+            return h, None
+        h32 = _acc(h)
+        return h, (h32 @ _as(readout, h32).t()).float()
     dtype = h.dtype
     h32 = _acc(h)
     if steer_vecs is not None:
