@@ -389,8 +389,8 @@ def test_unbounded_clamps_on_nonfinite_or_huge_rows_match_native(bad):
 @pytest.fixture(params=["cached", "streamed"])
 def call_size(request):
     """Both ways the kernel runs a call: sized for the cache (read-outs over the row parked in
-    L1) or too large for it (rows in lockstep tiles with read-outs streamed, streaming stores
-    where aligned); the threshold is lowered to 0 for the second, so small data takes it."""
+    L1) or too large for it (read-outs over tiles of parked rows, streaming stores where
+    aligned); the threshold is lowered to 0 for the second, so small data takes it."""
     ext = cpu._ext if cpu.available() else None
     before = ext._stream_threshold()
     if request.param == "streamed":
@@ -404,12 +404,12 @@ def call_size(request):
 @pytest.mark.parametrize("extra", ["plain", "gate", "clamp"])
 @pytest.mark.parametrize("d", [1000, 1024])
 def test_a_rows_outputs_do_not_depend_on_the_rest_of_the_call(dtype, m, extra, d, call_size):
-    """Within a call every row takes the same arithmetic, whether it runs in a lockstep tile
-    (2-4 rows), alone (tile remainders) or from a parked row (clamped calls, more than 8
-    read-outs): a request's outputs and readings in vLLM do not depend on its batch-mates.
-    Checked row by row against the row run alone, 7 rows (tiles plus remainder), outputs
-    against native too."""
-    n = 7
+    """Within a call every row takes the same arithmetic, whether its read-outs run in a tile of
+    parked rows (16 rows, 4 at a time, in calls too large for the cache), in a tile remainder,
+    alone, or over one parked row (calls sized for the cache): a request's outputs and readings
+    in vLLM do not depend on its batch-mates. Checked row by row against the row run alone, 37
+    rows (two full tiles, a remainder; two tasks on two threads), outputs against native too."""
+    n = 37
     gen = torch.Generator().manual_seed(m)
     t = make(n, d, dtype, s=2, c=1, m=m, seed=m)
     kw = {k: t[k] for k in ("steer_vecs", "coef", "readout")}
