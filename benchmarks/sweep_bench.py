@@ -10,8 +10,10 @@ vector. Arms:
 - ``vllm``: every cell's requests as one batch on a vLLM engine started on the vector file
   (engine start included; in-process or spawned engine core, ``--spawn``).
 Judged by a stand-in (a checksum: no model), so the times are the sweep's generation; the
-judges' own HF/vLLM times are in ``judges-vllm.json``. Writes
-``benchmarks/results/cpu/sweep-vllm.json``.
+judges' own HF/vLLM times are in ``judges-vllm.json``. ``--judge likelihood``: the default
+likelihood judge on the arm's engine (on vLLM, as ``personakern extract --engine vllm`` runs it:
+one engine, started in the timed region, for the answers and the judge), so the times are the
+whole sweep stage. Writes ``benchmarks/results/cpu/sweep-vllm.json`` (``--out``).
 """
 from __future__ import annotations
 
@@ -54,9 +56,20 @@ def worker(engine: str, args) -> None:
                                  sweep_questions=args.questions)
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
-        res = sweep.steering_sweep(model, tok, load_spec("evil"), v, Checksum(), Path(out), cfg, "bench",
-                                   progress=False, engine=engine)
+        llm, judge = None, Checksum()
+        if args.judge == "likelihood":
+            from personakern.judges import make_judge
+            if engine == "vllm":
+                from personakern.extraction.vllm_generate import start_engine
+                llm = start_engine(model, spare=1)
+            judge = make_judge("likelihood", model=model, tokenizer=tok, engine=engine,
+                               **({"llm": llm} if llm is not None else {}))
+        res = sweep.steering_sweep(model, tok, load_spec("evil"), v, judge, Path(out), cfg, "bench",
+                                   progress=False, engine=engine, llm=llm)
         dt = time.perf_counter() - t
+        if llm is not None:
+            from personakern.vllm.engine import close_llm
+            close_llm(llm)
     n = len(res["cells"]) + 1
     print(json.dumps({"s": dt, "cells": n, "answers": n * res["questions"]}), flush=True)
 
@@ -68,6 +81,7 @@ def main() -> None:
     ap.add_argument("--alphas", type=float, nargs="*", default=[3.0, 6.0])
     ap.add_argument("--questions", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--judge", choices=["checksum", "likelihood"], default="checksum")
     ap.add_argument("--spawn", action="store_true", help="vLLM's engine core in its own process (its default)")
     ap.add_argument("--worker", choices=["hf", "vllm"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu" / "sweep-vllm.json"))
@@ -78,7 +92,7 @@ def main() -> None:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.spawn else "0"
     passthrough = ["--layers", *map(str, args.layers), "--alphas", *map(str, args.alphas),
-                   "--questions", str(args.questions), "--tokens", str(args.tokens)]
+                   "--questions", str(args.questions), "--tokens", str(args.tokens), "--judge", args.judge]
     times = {"hf": [], "vllm": []}
     info = {}
     for r in range(args.rounds):
@@ -95,7 +109,7 @@ def main() -> None:
     ratios = [h / v for h, v in zip(times["hf"], times["vllm"])]
     report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "cores": os.cpu_count(), "cells": info["cells"], "answers": info["answers"],
-              "questions": args.questions, "new_tokens": args.tokens, "layers": args.layers, "alphas": args.alphas,
+              "questions": args.questions, "judge": args.judge, "new_tokens": args.tokens, "layers": args.layers, "alphas": args.alphas,
               "vllm_engine_core": "spawned process" if args.spawn else "in-process", "rounds": args.rounds,
               "times_s": times, "median_s": med, "answers_per_s": {k: info["answers"] / v for k, v in med.items()},
               "hf_over_vllm_medians": med["hf"] / med["vllm"], "hf_over_vllm_per_round": ratios}

@@ -64,10 +64,14 @@ def steering_sweep(model, tok, spec: TraitSpec, vectors: torch.Tensor, judge, ou
         recs = _generate_hf(model, tok, spec, vectors, jobs, gcache, cfg, progress)
     else:
         recs = _generate_vllm(model, tok, spec, vectors, jobs, gcache, cfg, progress, out / f"sweep-{skey}", llm)
+    mine = distributed.shard(tags) if engine == "hf" else tags
+    # every cell's answers judged together: chunks of cfg.judge_chunk answers whatever their cell
+    # (a batching judge gets full batches; on vLLM 1.07-1.17x faster than a call per cell, measured)
+    judge_cached(judge, spec, [r for tag in mine for r in recs[tag]], jcache, progress=False,
+                 chunk=cfg.judge_chunk)
     results = {}
-    for tag in distributed.shard(tags) if engine == "hf" else tags:
+    for tag in mine:
         rs = recs[tag]
-        judge_cached(judge, spec, rs, jcache, progress=False)
         results[tag] = {"trait": _mean(r["trait_score"] for r in rs), "coherence": _mean(r["coherence"] for r in rs),
                         "n_scored": sum(r["trait_score"] is not None for r in rs), "example": rs[0]["answer"][:200]}
     if engine == "hf":
