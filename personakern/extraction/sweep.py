@@ -66,7 +66,7 @@ def steering_sweep(model, tok, spec: TraitSpec, vectors: torch.Tensor, judge, ou
         recs = _generate_vllm(model, tok, spec, vectors, jobs, gcache, cfg, progress, out / f"sweep-{skey}", llm)
     mine = distributed.shard(tags) if engine == "hf" else tags
     # every cell's answers judged together: chunks of cfg.judge_chunk answers whatever their cell
-    # (a batching judge gets full batches; on vLLM 1.07-1.17x faster than a call per cell, measured)
+    # (a batching judge gets full batches; on vLLM 1.08-1.19x faster than a call per cell, measured)
     judge_cached(judge, spec, [r for tag in mine for r in recs[tag]], jcache, progress=False,
                  chunk=cfg.judge_chunk)
     results = {}
