@@ -19,8 +19,13 @@ from personakern.extraction.spec import load_spec  # noqa: E402
 from personakern.state import KINDS  # noqa: E402
 
 # vLLM's kernels against Hugging Face's on the same tokens (fp32): a single token's block output
-# differs by up to 1.2e-4 x max(1, |x|) (measured: response means 9e-5, last prompt token 1.1e-4)
+# differs by up to 1.2e-4 x max(1, |x|) (measured: response means 9e-5, last prompt token 1.1e-4),
+# no more than Hugging Face's own two attention implementations differ (eager vs sdpa: 1.4e-4 per
+# token, benchmarks/kernel_floor.py); per-answer means are held to 3e-4.
 ACT_REL = 3e-4
+# The vectors (means over the kept answers, positive minus negative) to the 1e-4: measured
+# 2.8e-5 (response), 6.4e-5 (prompt), 4.7e-5 (last prompt token).
+VEC_REL = 1e-4
 
 
 class KeepAll:
@@ -71,7 +76,7 @@ def test_greedy_extract_equals_hf(tmp_path):
     for name in ("evil", "evil.prompt", "evil.last_prompt"):
         v, h = runs["vllm"][name].vectors, runs["hf"][name].vectors
         assert v.shape == h.shape == (30, 576)
-        assert rel(v, h) < ACT_REL, name
+        assert rel(v, h) < VEC_REL, name
     for kind in ("response", "last_prompt"):
         a, b = torch.tensor(reps["vllm"]["layer_auroc"][kind]), torch.tensor(reps["hf"]["layer_auroc"][kind])
         assert float((a - b).abs().max()) <= 1 / (10 * 10) + 1e-9   # at most one pair of 10 x 10 flips
