@@ -253,7 +253,8 @@ inline float clamp_like_torch(float p, float lo, float hi) {
 constexpr int64_t kReadBlock = 512;
 
 template <int M, int R>
-inline void read_block(const float* const* x, const float* const* v, int64_t i, int64_t end, VecF* acc_mem) {
+inline void read_block(const float* const* x, const float* const* v, int64_t i, int64_t end, VecF* acc_mem,
+                       Prefetch* pf) {
   VecF acc[R * M];  // in registers for the block (through acc_mem every FMA would wait on a store)
   for (int q = 0; q < R * M; ++q) acc[q] = acc_mem[q];
   auto step = [&](int64_t j, int64_t n) PK_INLINE {
@@ -266,7 +267,10 @@ inline void read_block(const float* const* x, const float* const* v, int64_t i, 
       for (int r = 0; r < R; ++r) acc[r * M + k] = at::vec::fmadd(xr[r], t, acc[r * M + k]);
     }
   };
-  for (; i + kF <= end; i += kF) step(i, kF);
+  for (; i + kF <= end; i += kF) {
+    if (pf) pf->step();
+    step(i, kF);
+  }
   if (i < end) step(i, end - i);  // the row's tail
   for (int q = 0; q < R * M; ++q) acc_mem[q] = acc[q];
 }
@@ -275,7 +279,7 @@ inline void read_block(const float* const* x, const float* const* v, int64_t i, 
 // vectors. Slots past `count` repeat the last vector; their sums are dropped.
 template <int M, int R>
 inline void tile_read_group(const float* rows, int64_t stride, int64_t t, const float* vecs, int64_t count,
-                            int64_t d, float* readings, int64_t m, VecF* acc) {
+                            int64_t d, float* readings, int64_t m, VecF* acc, Prefetch* pf) {
   const float* v[M];
   for (int k = 0; k < M; ++k) v[k] = vecs + std::min<int64_t>(k, count - 1) * d;
   for (int64_t q = 0; q < t * M; ++q) acc[q] = VecF(0.f);
@@ -285,11 +289,11 @@ inline void tile_read_group(const float* rows, int64_t stride, int64_t t, const 
     for (; q + R <= t; q += R) {
       const float* x[R];
       for (int r = 0; r < R; ++r) x[r] = rows + (q + r) * stride;
-      read_block<M, R>(x, v, i0, i1, acc + q * M);
+      read_block<M, R>(x, v, i0, i1, acc + q * M, pf);
     }
     for (; q < t; ++q) {
       const float* x[1] = {rows + q * stride};
-      read_block<M, 1>(x, v, i0, i1, acc + q * M);
+      read_block<M, 1>(x, v, i0, i1, acc + q * M, pf);
     }
   }
   for (int64_t q = 0; q < t; ++q)
@@ -298,16 +302,22 @@ inline void tile_read_group(const float* rows, int64_t stride, int64_t t, const 
 
 // All m read-outs of a tile, in groups of 4 (4 rows x 4 read-outs: 16 accumulators, measured
 // fastest in isolation here: 4.7-5.9 G FMA/s against 3.2 for 2 x 8). `acc`: room for t * 4.
+// `pf` (optional) is stepped once per chunk of every row: the next tile's inputs stream in
+// while these FMAs run on cached data.
+template <int R>
+inline int64_t tile_read_steps(int64_t t, int64_t m, int64_t d) {
+  return (m + 3) / 4 * (d / kF) * (t / R + t % R);   // pf->step() calls of tile_reads
+}
 template <int R>
 inline void tile_reads(const float* rows, int64_t stride, int64_t t, const float* vecs, int64_t m, int64_t d,
-                       float* readings, VecF* acc) {
+                       float* readings, VecF* acc, Prefetch* pf = nullptr) {
   for (int64_t k0 = 0; k0 < m; k0 += 4) {
     const int64_t count = std::min<int64_t>(4, m - k0);
     const float* v = vecs + k0 * d;
     float* out = readings + k0;
-    if (count == 1) tile_read_group<1, R>(rows, stride, t, v, count, d, out, m, acc);
-    else if (count == 2) tile_read_group<2, R>(rows, stride, t, v, count, d, out, m, acc);
-    else tile_read_group<4, R>(rows, stride, t, v, count, d, out, m, acc);
+    if (count == 1) tile_read_group<1, R>(rows, stride, t, v, count, d, out, m, acc, pf);
+    else if (count == 2) tile_read_group<2, R>(rows, stride, t, v, count, d, out, m, acc, pf);
+    else tile_read_group<4, R>(rows, stride, t, v, count, d, out, m, acc, pf);
   }
 }
 
