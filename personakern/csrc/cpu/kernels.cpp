@@ -128,7 +128,8 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
   // the next row is prefetched; in bf16/fp16 calls too large for the cache, over a tile of
   // parked rows at once while the next tile's inputs are prefetched (tile_reads: steer_project
   // 1.10-1.28x faster than read-outs streamed in pass 1, then 1.10-1.17x more from the
-  // prefetch, 1 thread; in float32 tiles measured 0.77-1.1x the dot products). The two sum in
+  // prefetch, 1 thread; in float32 tiles measured 0.68-1.1x the dot products, with or without
+  // the prefetch: the prefetch behind the dots already keeps the memory busy). The two sum in
   // different orders: within a call every row takes the same path, across paths readings
   // agree to float rounding.
   const bool park_reads = a.m > 0;
