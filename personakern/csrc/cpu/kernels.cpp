@@ -153,6 +153,11 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
   // A clamp with bounds (-inf, inf) changes a row only through NaN: its excess p - p is 0 for a
   // finite projection. On rows bounded well inside float range (so p is finite too) it is skipped.
   constexpr float kSafeAbs = 1e15f;
+  // Starts `pf` on the inputs of `count` rows from row `first`, spread over `steps` steps.
+  auto prefetch_rows = [&](Prefetch& pf, int64_t first, int64_t count, int64_t steps) {
+    pf.start(static_cast<const T*>(a.hidden) + first * d,
+             a.delta ? static_cast<const T*>(a.delta) + first * d : nullptr, count * d * sizeof(T), steps);
+  };
 
   for (int64_t r = r0; r < r1; ++r) {
     const T* hid = static_cast<const T*>(a.hidden) + r * d;
@@ -165,9 +170,7 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
     Prefetch next_row;
     Prefetch* pf = nullptr;
     if (prefetch && r + 1 < r1) {
-      next_row.start(static_cast<const T*>(a.hidden) + (r + 1) * d,
-                     a.delta ? static_cast<const T*>(a.delta) + (r + 1) * d : nullptr, d * sizeof(T),
-                     ((tiled ? 0 : a.m) + a.c) * (d / (4 * kF)));
+      prefetch_rows(next_row, r + 1, 1, ((tiled ? 0 : a.m) + a.c) * (d / (4 * kF)));
       pf = &next_row;
     }
 
@@ -259,10 +262,7 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
         // the next tile's inputs stream towards L2 while this tile's read-outs run
         Prefetch next_tile;
         const int64_t ahead = std::min<int64_t>(kTileRows, r1 - r - 1);
-        if (ahead > 0)
-          next_tile.start(static_cast<const T*>(a.hidden) + (r + 1) * d,
-                          a.delta ? static_cast<const T*>(a.delta) + (r + 1) * d : nullptr, ahead * d * sizeof(T),
-                          tile_read_steps<kTileR>(slot + 1, a.m, d));
+        if (ahead > 0) prefetch_rows(next_tile, r + 1, ahead, tile_read_steps<kTileR>(slot + 1, a.m, d));
         tile_reads<kTileR>(rows, row_stride, slot + 1, a.readout, a.m, d, readings - slot * a.m, tile_acc,
                            ahead > 0 ? &next_tile : nullptr);
       }

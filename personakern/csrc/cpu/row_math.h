@@ -245,11 +245,11 @@ inline float clamp_like_torch(float p, float lo, float hi) {
 
 // Read-outs of a tile of parked float rows: readings[q * m + k] = <x_q, v_k>, q < t, k < m. Each
 // (row, read-out) is ONE float-vector accumulator taking the row's float vectors in order, so a
-// row's readings do not depend on the rows that share its tile (vLLM batch-mates). The table goes in blocks of
-// kReadBlock floats a row, small enough to stay in L1 while every row of the tile passes, and
-// R rows share each table load: per row the table is read from L2 once per R rows, not once
-// per row as dot products over one row at a time read it (those were L2-bound: ~3 cycles per
-// FMA at 8192 x 4096 with 8 read-outs; blocked, the FMAs are most of the cost).
+// row's readings do not depend on the rows that share its tile (vLLM batch-mates). The table
+// goes in blocks of kReadBlock floats a row, small enough to stay in L1 while every row of the
+// tile passes, and R rows share each table load: per row the table is read from L2 once per R
+// rows, not once per row as dot products over one row at a time read it (those were L2-bound:
+// ~3 cycles per FMA at 8192 x 4096 with 8 read-outs; blocked, the FMAs are most of the cost).
 constexpr int64_t kReadBlock = 512;
 
 template <int M, int R>
@@ -302,12 +302,8 @@ inline void tile_read_group(const float* rows, int64_t stride, int64_t t, const 
 
 // All m read-outs of a tile, in groups of 4 (4 rows x 4 read-outs: 16 accumulators, measured
 // fastest in isolation here: 4.7-5.9 G FMA/s against 3.2 for 2 x 8). `acc`: room for t * 4.
-// `pf` (optional) is stepped once per chunk of every row: the next tile's inputs stream in
-// while these FMAs run on cached data.
-template <int R>
-inline int64_t tile_read_steps(int64_t t, int64_t m, int64_t d) {
-  return (m + 3) / 4 * (d / kF) * (t / R + t % R);   // pf->step() calls of tile_reads
-}
+// `pf` (optional) is stepped once per full chunk of every R-row block (tile_read_steps times):
+// the next tile's inputs stream in while these FMAs run on cached data.
 template <int R>
 inline void tile_reads(const float* rows, int64_t stride, int64_t t, const float* vecs, int64_t m, int64_t d,
                        float* readings, VecF* acc, Prefetch* pf = nullptr) {
@@ -319,6 +315,12 @@ inline void tile_reads(const float* rows, int64_t stride, int64_t t, const float
     else if (count == 2) tile_read_group<2, R>(rows, stride, t, v, count, d, out, m, acc, pf);
     else tile_read_group<4, R>(rows, stride, t, v, count, d, out, m, acc, pf);
   }
+}
+
+// How many times tile_reads steps its prefetch for t rows, m read-outs of d elements.
+template <int R>
+inline int64_t tile_read_steps(int64_t t, int64_t m, int64_t d) {
+  return (m + 3) / 4 * (d / kF) * (t / R + t % R);
 }
 
 }  // namespace
