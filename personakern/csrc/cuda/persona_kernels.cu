@@ -122,8 +122,10 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Args<T> p) {
   const int64_t nvec = p.dim / VEC;
   // Chunks whose loads a thread issues together. Measured on an H200 (benchmarks/results/gpu):
   // for 2-byte types this cut decode-size GPU time by a third and kept prefill sizes level; for
-  // fp32 (64 registers, now spilling) it cost 6-22 % at 16384 rows, so fp32 keeps one at a time.
-  constexpr int kBatch = sizeof(T) == 2 ? kVecsPerThread : 1;
+  // fp32 (64 registers, now spilling) it cost 6-22 % at 16384 rows. fp32 takes none: the plain
+  // loops below. Even a batch of one (a peeled first chunk) took fp32 to 66 registers, fewer
+  // resident warps, and 19-28 % more GPU time at 16384 x 4096 than the plain loops.
+  constexpr int kBatch = sizeof(T) == 2 ? kVecsPerThread : 0;
   float* cache = p.cached ? reinterpret_cast<float*>(dyn_smem) + g * p.dim : nullptr;
   const float* coef = p.S > 0 ? p.coef + row * p.S : nullptr;
 
@@ -162,16 +164,18 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Args<T> p) {
     // The thread's first kBatch chunks (all of them, as the launch plan sizes groups, except on
     // rows wider than kMaxThreads * kVecsPerThread vectors) are loaded together, then stored:
     // their global loads are in flight at once rather than one latency each.
-    float v[kBatch][VEC];
+    if constexpr (kBatch > 0) {
+      float v[kBatch][VEC];
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int64_t j = t + static_cast<int64_t>(u) * group;
-      if (j < nvec) compute_h<T, VEC>(p, row, j * VEC, coef, v[u]);
-    }
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t j = t + static_cast<int64_t>(u) * group;
+        if (j < nvec) compute_h<T, VEC>(p, row, j * VEC, coef, v[u]);
+      }
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int64_t j = t + static_cast<int64_t>(u) * group;
-      if (j < nvec) store_f<VEC>(cache + j * VEC, v[u]);
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t j = t + static_cast<int64_t>(u) * group;
+        if (j < nvec) store_f<VEC>(cache + j * VEC, v[u]);
+      }
     }
     for (int64_t j = t + static_cast<int64_t>(kBatch) * group; j < nvec; j += group) {
       float w[VEC];
@@ -286,16 +290,18 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Args<T> p) {
       store_t<T, VEC>(p.normed + row * p.dim + i, o);
     };
     // the weight chunks loaded together first, as the rows were
-    float w[kBatch][VEC];
+    if constexpr (kBatch > 0) {
+      float w[kBatch][VEC];
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int64_t j = t + static_cast<int64_t>(u) * group;
-      if (j < nvec) load_t<T, VEC>(p.weight + j * VEC, w[u]);
-    }
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t j = t + static_cast<int64_t>(u) * group;
+        if (j < nvec) load_t<T, VEC>(p.weight + j * VEC, w[u]);
+      }
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int64_t j = t + static_cast<int64_t>(u) * group;
-      if (j < nvec) normed(j * VEC, w[u]);
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t j = t + static_cast<int64_t>(u) * group;
+        if (j < nvec) normed(j * VEC, w[u]);
+      }
     }
     for (int64_t j = t + static_cast<int64_t>(kBatch) * group; j < nvec; j += group) {
       float wt[VEC];
