@@ -24,8 +24,8 @@
 namespace personakern::cpu {
 namespace {
 
-// Rows parked per tile of read-outs in bf16/fp16 calls too large for the cache (as float32:
-// 16 KB each at d = 4096, 256 KB a tile, in L2), and rows sharing a table load within it.
+// Rows parked per tile of read-outs (as float32: 16 KB each at d = 4096, 256 KB a tile, in L2),
+// and rows sharing a table load within it.
 constexpr int64_t kTileRows = 16;
 constexpr int kTileR = 4;
 
@@ -124,16 +124,17 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
   const int64_t d = a.d;
   const bool clamping = a.c > 0;
   const bool gating = a.s > 0 && a.gate != nullptr;
-  // Read-outs are taken over the parked row, a row at a time as dot products on L1 data while
-  // the next row is prefetched; in bf16/fp16 calls too large for the cache, over a tile of
-  // parked rows at once while the next tile's inputs are prefetched (tile_reads: steer_project
-  // 1.10-1.28x faster than read-outs streamed in pass 1, then 1.10-1.17x more from the
-  // prefetch, 1 thread; in float32 tiles measured 0.68-1.1x the dot products, with or without
-  // the prefetch: the prefetch behind the dots already keeps the memory busy). The two sum in
-  // different orders: within a call every row takes the same path, across paths readings
-  // agree to float rounding.
+  // Read-outs are taken over tiles of parked rows while the next tile's inputs are prefetched
+  // (tile_reads): in bf16/fp16 calls of every size, in float32 calls that fit the cache. Against
+  // dot products a row at a time, 1 and 2 threads: bf16 1.17-1.47x from 8 rows up (decode, 64,
+  // 512, 2048 x 2048: the table is read from L2 once per 4 rows, not per row), and beyond
+  // 16 MiB 1.10-1.28x, then 1.10-1.17x more from the prefetch; float32 1.06-1.32x in cache
+  // (8-512 x 4096, 64 x 576), single rows level. float32 calls too large for the cache keep the
+  // dot products with the next row prefetched: tiles measured 0.68-1.1x there (the prefetch
+  // behind the dots already keeps the memory busy). The two sum in different orders: within a
+  // call every row takes the same path, across paths readings agree to float rounding.
   const bool park_reads = a.m > 0;
-  const bool tiled = park_reads && sizeof(T) < sizeof(float) && large(a.n, d, sizeof(T));
+  const bool tiled = park_reads && (sizeof(T) < sizeof(float) || !large(a.n, d, sizeof(T)));
   // tile rows one cache line apart beyond whole vectors: at d = 4096 a power-of-two stride put
   // every row of the tile in the same L1 sets
   const int64_t row_stride = (d + kF - 1) / kF * kF + (tiled ? kF : 0);
