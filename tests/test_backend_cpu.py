@@ -405,8 +405,8 @@ def call_size(request):
 @pytest.mark.parametrize("d", [1000, 1024])
 def test_a_rows_outputs_do_not_depend_on_the_rest_of_the_call(dtype, m, extra, d, call_size):
     """Within a call every row takes the same arithmetic, whether its read-outs run in a tile of
-    parked rows (16 rows, 4 at a time: bf16/fp16 calls, float32 calls sized for the cache), in a
-    tile remainder, alone, or over one parked row (float32 calls too large for the cache): a
+    parked rows (16 rows, 4 at a time: bf16/fp16 calls), in a tile remainder, alone, or over one
+    parked row (float32 calls): a
     request's outputs and readings in vLLM do not depend on its batch-mates. Checked row by row
     against the row run alone, 37 rows (two full tiles, a remainder; two tasks on two threads),
     outputs against native too."""

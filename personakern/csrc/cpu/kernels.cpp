@@ -124,17 +124,17 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
   const int64_t d = a.d;
   const bool clamping = a.c > 0;
   const bool gating = a.s > 0 && a.gate != nullptr;
-  // Read-outs are taken over tiles of parked rows while the next tile's inputs are prefetched
-  // (tile_reads): in bf16/fp16 calls of every size, in float32 calls that fit the cache. Against
-  // dot products a row at a time, 1 and 2 threads: bf16 1.17-1.47x from 8 rows up (decode, 64,
-  // 512, 2048 x 2048: the table is read from L2 once per 4 rows, not per row), and beyond
-  // 16 MiB 1.10-1.28x, then 1.10-1.17x more from the prefetch; float32 1.06-1.32x in cache
-  // (8-512 x 4096, 64 x 576), single rows level. float32 calls too large for the cache keep the
-  // dot products with the next row prefetched: tiles measured 0.68-1.1x there (the prefetch
-  // behind the dots already keeps the memory busy). The two sum in different orders: within a
-  // call every row takes the same path, across paths readings agree to float rounding.
+  // bf16/fp16 calls of every size take the read-outs over tiles of parked rows while the next
+  // tile's inputs are prefetched (tile_reads). Against dot products a row at a time: 1.17-1.41x
+  // from 8 rows up below 16 MiB (the table is read from L2 once per 4 rows, not per row), and
+  // beyond it 1.10-1.28x, then 1.10-1.17x more from the prefetch. float32 keeps the dot products
+  // over one parked row (with the next row prefetched in calls too large for the cache): tiles
+  // measured 0.68-1.1x there, and with the tile code in the float32 instantiation its dot path
+  // ran 0.89-0.94x as fast, so for float32 the tile branch is compiled out. The two sum in
+  // different orders: within a call every row takes the same path, across paths readings agree
+  // to float rounding.
   const bool park_reads = a.m > 0;
-  const bool tiled = park_reads && (sizeof(T) < sizeof(float) || !large(a.n, d, sizeof(T)));
+  const bool tiled = park_reads && sizeof(T) < sizeof(float);
   // tile rows one cache line apart beyond whole vectors: at d = 4096 a power-of-two stride put
   // every row of the tile in the same L1 sets
   const int64_t row_stride = (d + kF - 1) / kF * kF + (tiled ? kF : 0);
