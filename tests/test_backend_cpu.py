@@ -406,10 +406,9 @@ def call_size(request):
 def test_a_rows_outputs_do_not_depend_on_the_rest_of_the_call(dtype, m, extra, d, call_size):
     """Within a call every row takes the same arithmetic, whether its read-outs run in a tile of
     parked rows (16 rows, 4 at a time: bf16/fp16 calls), in a tile remainder, alone, or over one
-    parked row (float32 calls): a
-    request's outputs and readings in vLLM do not depend on its batch-mates. Checked row by row
-    against the row run alone, 37 rows (two full tiles, a remainder; two tasks on two threads),
-    outputs against native too."""
+    parked row (float32 calls): a request's outputs and readings in vLLM do not depend on its
+    batch-mates. Checked row by row against the row run alone, 37 rows (two full tiles, a
+    remainder; two tasks on two threads), outputs against native too."""
     n = 37
     gen = torch.Generator().manual_seed(m)
     t = make(n, d, dtype, s=2, c=1, m=m, seed=m)

@@ -125,7 +125,7 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
   const bool clamping = a.c > 0;
   const bool gating = a.s > 0 && a.gate != nullptr;
   // bf16/fp16 calls of every size take the read-outs over tiles of parked rows while the next
-  // tile's inputs are prefetched (tile_reads). Against dot products a row at a time: 1.17-1.41x
+  // tile's inputs are prefetched (tile_reads). Against dot products a row at a time: 1.13-1.50x
   // from 8 rows up below 16 MiB (the table is read from L2 once per 4 rows, not per row), and
   // beyond it 1.10-1.28x, then 1.10-1.17x more from the prefetch. float32 keeps the dot products
   // over one parked row (with the next row prefetched in calls too large for the cache): tiles
