@@ -388,9 +388,10 @@ def test_unbounded_clamps_on_nonfinite_or_huge_rows_match_native(bad):
 
 @pytest.fixture(params=["cached", "streamed"])
 def call_size(request):
-    """Both ways the kernel runs a call: sized for the cache (read-outs over the row parked in
-    L1) or too large for it (read-outs over tiles of parked rows, streaming stores where
-    aligned); the threshold is lowered to 0 for the second, so small data takes it."""
+    """Both ways the kernel runs a call: sized for the cache, or too large for it (streaming
+    stores where aligned; float32 read-outs then prefetch the next row behind their dot
+    products); the threshold is lowered to 0 for the second, so small data takes it. bf16/fp16
+    read-outs run over tiles of parked rows in both."""
     ext = cpu._ext if cpu.available() else None
     before = ext._stream_threshold()
     if request.param == "streamed":

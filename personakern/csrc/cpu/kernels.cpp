@@ -133,8 +133,9 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
   // ran 0.89-0.94x as fast, so for float32 the tile branch is compiled out. The two sum in
   // different orders: within a call every row takes the same path, across paths readings agree
   // to float rounding.
+  constexpr bool kTiles = sizeof(T) < sizeof(float);
   const bool park_reads = a.m > 0;
-  const bool tiled = park_reads && sizeof(T) < sizeof(float);
+  const bool tiled = kTiles && park_reads;
   // tile rows one cache line apart beyond whole vectors: at d = 4096 a power-of-two stride put
   // every row of the tile in the same L1 sets
   const int64_t row_stride = (d + kF - 1) / kF * kF + (tiled ? kF : 0);
@@ -142,7 +143,7 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
   // The float row (before the final rounding) is parked in scratch whenever later dots need it.
   float* rows = clamping || gating || park_reads ? Scratch::of(sc.row, (tiled ? kTileRows : 1) * row_stride)
                                                  : nullptr;
-  VecF tile_acc[kTileRows * 4];
+  VecF tile_acc[kTiles ? kTileRows * 4 : 1];
   float* excess = clamping ? Scratch::of(sc.excess, a.c) : nullptr;
   float* gated = gating ? Scratch::of(sc.gated, a.s) : nullptr;
   int64_t* active_cols = a.s ? Scratch::of(sc.active, a.s) : nullptr;
@@ -258,8 +259,9 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
     }
 
     float* readings = a.m ? a.readings + r * a.m : nullptr;
-    if (tiled) {
-      if (slot == kTileRows - 1 || r + 1 == r1) {   // the tile is full, or the task's rows end
+    if constexpr (kTiles) {
+      // with read-outs asked, when the tile is full or the task's rows end
+      if (tiled && (slot == kTileRows - 1 || r + 1 == r1)) {
         // the next tile's inputs stream towards L2 while this tile's read-outs run
         Prefetch next_tile;
         const int64_t ahead = std::min<int64_t>(kTileRows, r1 - r - 1);
