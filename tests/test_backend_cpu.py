@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -448,6 +450,40 @@ def test_streamed_calls_equal_native(dtype, op, call_size):
         run_both(op, dtype, (t["hidden"], t["delta"]), kw)
     else:
         run_both(op, dtype, (t["hidden"], t["delta"], t["weight"], EPS, False), kw)
+
+
+# row_math.h's per-chunk helpers that the tile path needs inlined, as nm -C names them when one
+# is a function of its own
+PER_CHUNK_HELPERS = ("combine<", "combine_at<", "read_block<")
+
+
+def out_of_line_helpers(nm_output: str) -> list:
+    """The symbols of ``nm -C --defined-only`` output that are PER_CHUNK_HELPERS."""
+    names = [line.split(" ", 2)[-1] for line in nm_output.splitlines() if line.count(" ") >= 2]
+    return [n for n in names if "personakern::cpu::" in n and any(f"::{h}" in n for h in PER_CHUNK_HELPERS)]
+
+
+def test_the_per_chunk_helpers_are_inlined():
+    """A tripwire for the compiler's inlining budget: out of line, combine_at and read_block take
+    and return their float vectors through memory on every chunk. A larger kernels.cpp (a
+    one-pass steering variant, measured and dropped, docs/benchmarks.md) made GCC leave them out
+    of line, and the unchanged bf16 tile path ran 1.6x slower. The built library must hold none
+    of them as a function of its own; the filter is checked on names as nm prints them."""
+    sample = ("000000000000d6a0 t void personakern::cpu::(anonymous namespace)::read_block<8, 2>(float const* const*)\n"
+              "0000000000000100 t float personakern::cpu::(anonymous namespace)::dot<false>(float const*, long)\n"
+              "0000000000000180 t void personakern::cpu::(anonymous namespace)::combine_at<2>(float const*, long)\n"
+              "0000000000000200 t void personakern::cpu::(anonymous namespace)::tile_read_group<4, 4>(float const*)\n"
+              "0000000000000300 t void personakern::cpu::(anonymous namespace)::steer_rows<float>(long, long)\n")
+    assert out_of_line_helpers(sample) == [
+        "void personakern::cpu::(anonymous namespace)::read_block<8, 2>(float const* const*)",
+        "void personakern::cpu::(anonymous namespace)::combine_at<2>(float const*, long)"]
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) is not installed")
+    lib = cpu._load().__file__
+    out = subprocess.run([nm, "-C", "--defined-only", lib], capture_output=True, text=True, check=True).stdout
+    assert "steer_rows<" in out, "nm listed no kernel symbols: the check would be empty"
+    assert out_of_line_helpers(out) == []
 
 
 def test_bfloat16_rounding_matches_aten_bit_for_bit():
