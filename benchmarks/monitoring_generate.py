@@ -35,12 +35,14 @@ def generate_monitored_vllm(llm, model, tok, trait, messages, settings, seed):
     from personakern.extraction.generate import batch_seed, decode_answer, eos_ids
     from personakern.extraction.vllm_generate import sampling_params
     from personakern.vllm import readings
+    from personakern.vllm.nucleus import engine_has_nucleus
     seqs = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
             for m in messages]
     eos = eos_ids(model, tok)
     spec = {"monitor": {"traits": [trait], "layers": "all"}}
     outs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs],
-                        [sampling_params(settings, eos, batch_seed(seed, i), spec) for i in range(len(seqs))],
+                        [sampling_params(settings, eos, batch_seed(seed, i), spec, nucleus=engine_has_nucleus(llm))
+                         for i in range(len(seqs))],
                         use_tqdm=False)
     answers = [decode_answer(tok, o.outputs[0].token_ids, eos) for o in outs]
     lpt = [readings(o).values[0, len(s) - 1] for s, o in zip(seqs, outs)]      # [L, 1] each

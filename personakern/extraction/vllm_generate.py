@@ -62,6 +62,7 @@ def start_engine(model, vector_file=None, capture: bool = False, spare: int = 0,
     from ..judges.vllm_engine import CPU_BLOCK_SIZE
     from ..vllm.capture import CAPTURE_ENV
     from ..vllm.engine import DEFAULTS, make_llm, require_vllm
+    from ..vllm.nucleus import FQCN as NUCLEUS_FQCN
     from ..vllm.vectors import ENV_VAR, SPARE_ENV
     require_vllm()
     from vllm.platforms import current_platform
@@ -70,6 +71,8 @@ def start_engine(model, vector_file=None, capture: bool = False, spare: int = 0,
     overrides.setdefault("enable_prefix_caching", True)
     if current_platform.is_cpu():
         overrides.setdefault("block_size", CPU_BLOCK_SIZE)
+        # top-p without a full sort of the vocabulary per step (vLLM's CPU top-p sorts)
+        overrides["logits_processors"] = [*(overrides.get("logits_processors") or ()), NUCLEUS_FQCN]
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     folder = _model_folder(model)
     want = {ENV_VAR: None if vector_file is None else str(vector_file),
@@ -104,16 +107,25 @@ def _setenv(key: str, value: Optional[str]) -> None:
 
 
 def sampling_params(settings: GenSettings, eos: set, seed: Optional[int], spec: Optional[dict],
-                    extra_tokens: int = 0):
+                    extra_tokens: int = 0, nucleus: bool = False):
+    """One request's ``SamplingParams``. ``nucleus``: the engine has personakern's top-p processor
+    (:func:`personakern.vllm.nucleus.engine_has_nucleus`), which then applies ``settings.top_p``
+    in place of vLLM's own, sorted, top-p."""
     from vllm import SamplingParams
+    from ..vllm.nucleus import sampling_kwargs
     kw = dict(max_tokens=settings.max_new_tokens + extra_tokens, repetition_penalty=settings.repetition_penalty,
               stop_token_ids=sorted(eos), skip_special_tokens=True, detokenize=False)
+    extra = {}
     if settings.temperature > 0:
-        kw.update(temperature=settings.temperature, top_p=settings.top_p, seed=seed)
+        top = sampling_kwargs(settings.top_p, nucleus)
+        extra.update(top.pop("extra_args", {}))
+        kw.update(temperature=settings.temperature, seed=seed, **top)
     else:
         kw.update(temperature=0.0)
     if spec is not None:
-        kw["extra_args"] = {"personakern": spec}
+        extra["personakern"] = spec
+    if extra:
+        kw["extra_args"] = extra
     return SamplingParams(**kw)
 
 
@@ -131,6 +143,7 @@ def generate_vllm_cached(llm, tok, model, jobs: Sequence[dict], cache, settings:
     fed (and averaged); the answer is the first ``max_new_tokens``."""
     from vllm import TokensPrompt
     from ..vllm import captured
+    from ..vllm.nucleus import engine_has_nucleus
     ids = [j["id"] for j in jobs]
     if len(set(ids)) != len(ids):
         raise ValueError("job ids must be unique")
@@ -138,13 +151,14 @@ def generate_vllm_cached(llm, tok, model, jobs: Sequence[dict], cache, settings:
     have = acts.ids() if acts is not None else None
     todo = [j for j in jobs if j["id"] not in done or (have is not None and j["id"] not in have)]
     eos = eos_ids(model, tok)
+    nucleus = engine_has_nucleus(llm)
     M = settings.max_new_tokens
     bar = tqdm(total=len(todo), desc=desc, unit="answer", disable=not progress or not todo)
     for i in range(0, len(todo), CHUNK):
         part = todo[i:i + CHUNK]
         prompts = [TokensPrompt(prompt_token_ids=chat_ids(tok, j.get("system"), j["question"])) for j in part]
         params = [sampling_params(settings, eos, j.get("seed"), _with_capture(j.get("spec"), acts is not None),
-                                  extra_tokens=int(acts is not None)) for j in part]
+                                  extra_tokens=int(acts is not None), nucleus=nucleus) for j in part]
         outs = llm.generate(prompts, params, use_tqdm=False)
         if acts is not None:
             rows = {}

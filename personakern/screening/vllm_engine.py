@@ -49,13 +49,15 @@ def base_answers_vllm(llm, tok, model, keys: Sequence[int], prompts: Sequence[Li
     """:func:`~personakern.screening.base_answers.base_answers` on ``llm``: ``{key: answer}``."""
     from vllm import TokensPrompt
     from ..extraction.vllm_generate import sampling_params
+    from ..vllm.nucleus import engine_has_nucleus
     done = {r["k"]: r["answer"] for r in cache}
     todo = [(k, p) for k, p in zip(keys, prompts) if k not in done]
     if todo:
         eos = eos_ids(model, tok)
         seeded = settings.temperature > 0
-        params = [sampling_params(settings, eos, batch_seed(settings.seed, k) if seeded else None, None)
-                  for k, _ in todo]
+        nucleus = engine_has_nucleus(llm)
+        params = [sampling_params(settings, eos, batch_seed(settings.seed, k) if seeded else None, None,
+                                  nucleus=nucleus) for k, _ in todo]
         outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for _, p in todo], params, use_tqdm=False)
         new = [{"k": k, "answer": decode_answer(tok, o.outputs[0].token_ids, eos)} for (k, _), o in zip(todo, outs)]
         cache.append(new)
