@@ -53,7 +53,9 @@ def start_engine(model, vector_file=None, capture: bool = False, spare: int = 0,
     ``vector_file`` (None: no vectors), ``$PERSONAKERN_VLLM_CAPTURE`` = ``capture`` and
     ``$PERSONAKERN_VLLM_SPARE_TRAITS`` = ``spare`` (the plugin reads them while the engine starts;
     they are restored after). With prefix caching on and, on CPUs, 32-token KV blocks, as the
-    vLLM judges want, so one engine serves generation, activations, judging and the sweep.
+    vLLM judges want, so one engine serves generation, activations, judging and the sweep; on
+    CPUs also with personakern's top-p processor (:mod:`personakern.vllm.nucleus`: vLLM's own CPU
+    top-p sorts the whole vocabulary every step), which :func:`sampling_params` then uses.
 
     Chunked prefill is off and a step holds a whole prompt: vLLM 0.32 on CPUs fails on a seeded
     request whose prompt is split over two steps ("CPU Generator does not use offset", when it
