@@ -17,7 +17,7 @@ require_vllm()
 pytestmark = pytest.mark.slow
 
 from personakern.extraction.spec import load_spec  # noqa: E402
-from personakern.judges import JudgeError, make_judge  # noqa: E402
+from personakern.judges import JudgeError, make_judge, vllm_engine  # noqa: E402
 from personakern.judges.base import weighted_score  # noqa: E402
 from personakern.judges.vllm_engine import CPU_BLOCK_SIZE  # noqa: E402
 
@@ -91,26 +91,44 @@ def test_llm_judge_equals_hf(llm, spec):
         assert all(weighted_score(row, 0.25) is None for row in d)
 
 
-def test_many_items_equal_one_by_one(llm, spec, monkeypatch):
+@pytest.mark.parametrize("few", [vllm_engine.FEW_MISSING, 0])
+def test_many_items_equal_one_by_one(llm, spec, monkeypatch, few):
     """Answers with a common beginning: the prefix cache reaches into the answer for some
-    requests, which are sent again without reading it (both paths checked against one by one)."""
-    from personakern.judges import vllm_engine
+    requests; their skipped entries come from the requests that computed them and one-token
+    requests (``few`` = FEW_MISSING), or they are sent again without reading the cache (``few`` =
+    0); both paths checked against one by one."""
     judge = make_judge("likelihood", engine="vllm", llm=llm, model_path=smollm2_path())
     qs, ans = QUESTIONS * 4, [a + s for s in ("", " Really.", " Yes.", " Anyway.") for a in ANSWERS]
     calls, generate = [], vllm_engine._generate
-    monkeypatch.setattr(vllm_engine, "_generate", lambda llm_, prompts, params, what: (
-        calls.append((len(prompts), params.skip_reading_prefix_cache)), generate(llm_, prompts, params, what))[1])
+    monkeypatch.setattr(vllm_engine, "FEW_MISSING", few)
+    def counting(llm_, prompts, params, what):
+        p = params[0] if isinstance(params, list) else params
+        calls.append((len(prompts), p.skip_reading_prefix_cache, p.logprob_token_ids))
+        return generate(llm_, prompts, params, what)
+    monkeypatch.setattr(vllm_engine, "_generate", counting)
     llm.reset_prefix_cache()
     batch = judge.score(spec, qs, ans)
-    assert calls[0][1] is False and any(read is True for _, read in calls[1:2])   # read the cache, then redo
+    assert calls[0][1] is False and len(calls) >= 2        # read the cache, then fill what it skipped
+    if few:
+        assert all(read is False and ids for _, read, ids in calls[1:])          # one-token requests
+        assert sum(n for n, _, _ in calls[1:]) < len(qs) * 5                   # not a resend each
+    else:
+        assert all(read is True and not ids for _, read, ids in calls[1:])      # sent again uncached
     monkeypatch.setattr(vllm_engine, "_generate", generate)
     alone = [judge.score(spec, [q], [a])[0] for q, a in zip(qs[:8], ans[:8])]
     assert _within(batch[:8], alone, tol=1e-3) < 1e-3
+    assert _within(batch[8:], judge.score(spec, qs[8:], ans[8:]), tol=1e-3) < 1e-3
     assert _within(judge.coherence(qs, ans)[:8], [judge.coherence([q], [a])[0] for q, a in zip(qs[:8], ans[:8])],
                    tol=1e-3) < 1e-3
     llmj = make_judge("llm", engine="vllm", llm=llm, model_path=smollm2_path(), min_mass=0.0)
     _within(llmj.score(spec, qs[:2], ans[:2]), [llmj.score(spec, [q], [a])[0] for q, a in zip(qs[:2], ans[:2])],
             tol=1e-3)
+
+
+def test_prefix_keys():
+    a, b = vllm_engine._prefix_keys([5, 7, 9, 11]), vllm_engine._prefix_keys([5, 7, 8, 11])
+    assert a[:2] == b[:2] and a[2] != b[2] and a[3] != b[3]   # equal up to where they part
+    assert vllm_engine._prefix_keys([7, 5])[1] != a[1] and len(set(a)) == 4
 
 
 def test_edge_inputs(llm, spec):
