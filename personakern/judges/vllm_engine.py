@@ -115,7 +115,7 @@ def answer_logprob_sums(llm, seqs: Sequence[Tuple[List[int], int]]) -> List[Tupl
     missing = {k: [i for i in range(start, len(ids)) if key[i] not in known]
                for k, (out, (ids, start), key) in enumerate(zip(outs, seqs, keys)) if _hit(out, start)}
     few = [(k, i) for k, m in missing.items() if len(m) <= FEW_MISSING for i in m]
-    if few:   # a context that is all cache but its last token: one token computed per entry
+    if few:   # the context up to the entry, from the cache but its last partial block (usually one token)
         got = next_token_logprobs(llm, [seqs[k][0][:i] for k, i in few], [[seqs[k][0][i]] for k, i in few])
         for (k, i), d in zip(few, got):
             known[keys[k][i]] = d[seqs[k][0][i]]
