@@ -40,8 +40,9 @@ def generate_monitored_vllm(llm, model, tok, trait, messages, settings, seed):
             for m in messages]
     eos = eos_ids(model, tok)
     spec = {"monitor": {"traits": [trait], "layers": "all"}}
+    nucleus = engine_has_nucleus(llm)
     outs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs],
-                        [sampling_params(settings, eos, batch_seed(seed, i), spec, nucleus=engine_has_nucleus(llm))
+                        [sampling_params(settings, eos, batch_seed(seed, i), spec, nucleus=nucleus)
                          for i in range(len(seqs))],
                         use_tqdm=False)
     answers = [decode_answer(tok, o.outputs[0].token_ids, eos) for o in outs]

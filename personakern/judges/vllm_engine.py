@@ -20,8 +20,8 @@ Likelihood judge
     skipped entries are the same as those of the request that computed the cached tokens (an entry
     depends only on the tokens up to it), so every computed entry is kept under its token prefix
     and looked up; an entry nobody computed (typically the first token after the cached blocks,
-    where two answers part) comes from a one-token request on the all-cached context
-    (``logprob_token_ids``, as the LLM judge asks), and a request missing more than
+    where two answers part) comes from a request on the context up to it (``logprob_token_ids``,
+    as the LLM judge asks; from the cache but its last partial block, usually one token), and a request missing more than
     :data:`FEW_MISSING` entries is sent again without reading the cache.
 
 LLM judge
