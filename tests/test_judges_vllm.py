@@ -2,16 +2,19 @@
 (the independent reference: personakern's HF judges, tested in test_judges.py against brute
 force), on SmolLM2 with evil, kind, incoherent and looping answers; batching; clear errors.
 
-One in-process eager engine for the module, with the judge engine's settings (prefix caching,
-32-token KV blocks on CPU)."""
+One in-process eager engine at a time, with the judge engine's settings (prefix caching, 32-token
+KV blocks on CPU), twice: a plain vLLM engine (the likelihood judge reads vLLM's prompt
+log-probabilities) and a personakern engine (it scores the answer tokens inside the engine,
+personakern/vllm/scores.py)."""
 from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-from vllm_support import _hf_model, close, in_process_llm, require_vllm, smollm2_path
+from vllm_support import TRAITS_FILE, _hf_model, close, in_process_llm, require_vllm, smollm2_path
 
 require_vllm()
 pytestmark = pytest.mark.slow
@@ -36,10 +39,12 @@ ANSWERS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def llm():
-    engine = in_process_llm(smollm2_path(), None, enable_prefix_caching=True, block_size=CPU_BLOCK_SIZE,
+@pytest.fixture(scope="module", params=["plain", "personakern"])
+def llm(request):
+    engine = in_process_llm(smollm2_path(), None if request.param == "plain" else TRAITS_FILE,
+                            enable_prefix_caching=True, block_size=CPU_BLOCK_SIZE,
                             max_model_len=2048, max_num_batched_tokens=2048, max_num_seqs=128)
+    assert vllm_engine.engine_scores(engine) == (request.param == "personakern")
     yield engine
     close(engine)
 
@@ -123,6 +128,52 @@ def test_many_items_equal_one_by_one(llm, spec, monkeypatch, few):
     llmj = make_judge("llm", engine="vllm", llm=llm, model_path=smollm2_path(), min_mass=0.0)
     _within(llmj.score(spec, qs[:2], ans[:2]), [llmj.score(spec, [q], [a])[0] for q, a in zip(qs[:2], ans[:2])],
             tol=1e-3)
+
+
+def test_scores_equal_prompt_logprobs(llm):
+    """On a personakern engine, every entry the engine scores equals vLLM's prompt
+    log-probability of the same request; entries whose row came from the prefix cache are NaN."""
+    if not vllm_engine.engine_scores(llm):
+        pytest.skip("a plain engine has no scoring requests")
+    from vllm import SamplingParams, TokensPrompt
+    from personakern.judges.likelihood import answer_sequences
+    _, tok = _hf_model()
+    seqs = answer_sequences(tok, [("You are helpful.", q, a) for q, a in zip(QUESTIONS, ANSWERS)], 256)
+    seqs += [(ids[:start + 12], start) for ids, start in seqs[:2]]   # their first 32-token block: cached
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids, _ in seqs]
+    llm.reset_prefix_cache()
+    ref = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False), use_tqdm=False)
+    kw = dict(max_tokens=1, detokenize=False)
+    for read_cache in (False, True):
+        llm.reset_prefix_cache()
+        params = [SamplingParams(extra_args={"personakern_score": s}, skip_reading_prefix_cache=not read_cache, **kw)
+                  for _, s in seqs]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        cached = 0
+        for out, r, (ids, start) in zip(outs, ref, seqs):
+            got = out.personakern_scores
+            assert got.shape == (len(ids) - start,)
+            want = np.array([r.prompt_logprobs[i][ids[i]].logprob for i in range(start, len(ids))])
+            computed = np.arange(start, len(ids)) > (out.num_cached_tokens or 0)
+            assert np.array_equal(~np.isnan(got), computed)
+            assert np.abs(got[computed] - want[computed]).max() < 1e-4   # nats
+            cached += int((~computed).sum())
+        assert (cached > 0) == read_cache   # the shorter copies read their answer's start from the cache
+
+
+def test_score_requests_checked(llm):
+    """A bad scoring request is refused before it is queued, on a plain engine too (which cannot
+    score), and the engine keeps working."""
+    from vllm import SamplingParams, TokensPrompt
+    prompt = TokensPrompt(prompt_token_ids=[1, 2, 3, 4, 5])
+    bad = [0, "2", 1.5] if vllm_engine.engine_scores(llm) else [2]
+    for value in bad:
+        match = "positive integer" if vllm_engine.engine_scores(llm) else "needs an engine that runs personakern"
+        with pytest.raises(ValueError, match=match):
+            llm.generate([prompt], SamplingParams(max_tokens=1, extra_args={"personakern_score": value}),
+                         use_tqdm=False)
+    out = llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
 
 
 def test_prefix_keys():

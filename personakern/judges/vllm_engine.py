@@ -6,8 +6,13 @@ Both judges tokenize with the Hugging Face tokenizer of the model folder (the ch
 ids, so the engine scores exactly the sequences the Hugging Face judges score.
 
 Likelihood judge
-    One request per ``(system, question, answer)`` with ``prompt_logprobs=0``: vLLM returns
-    ``log P(token_i | tokens < i)`` of every prompt token, and the answer's tokens are summed.
+    One request per ``(system, question, answer)`` with ``max_tokens=1``. On an engine that runs
+    personakern's model classes (every engine :func:`personakern.extraction.vllm_generate.start_engine`
+    starts), the request asks ``extra_args={"personakern_score": answer start}`` and the engine
+    computes ``log P(token_i | tokens < i)`` for the answer's tokens only
+    (:mod:`personakern.vllm.scores`); on any other engine it asks ``prompt_logprobs=0``, and vLLM
+    computes the vocabulary projection, a full log-softmax and a rank for every computed prompt
+    token and returns each as a Python dict. Either way the answer's tokens are summed.
     vLLM 0.32 by default never reads the prefix cache for a request that asks for prompt
     log-probabilities (``SamplingParams.skip_reading_prefix_cache`` defaults to True for them);
     made to read it, it leaves the entries of the cached tokens *uninitialised* (garbage token ids
@@ -15,8 +20,9 @@ Likelihood judge
     an uncached request, measured on 431 sequences). The answer's entries need only the rows from
     the last prompt token on, and the prompts of one question share their system prompt and
     question (each answer is scored under the same 11 system prompts), so the requests read the
-    cache (1.8x faster measured on SmolLM2's judge sequences). Where the cached prefix reaches into
-    the answer (``num_cached_tokens >= answer start``: two answers with a common beginning), the
+    cache (1.8x faster measured on SmolLM2's judge sequences); the scoring requests read it as any
+    request does and leave the cached entries NaN. Where the cached prefix reaches into
+    the answer (two answers with a common beginning), the
     skipped entries are the same as those of the request that computed the cached tokens (an entry
     depends only on the tokens up to it), so every computed entry is kept under its token prefix
     and looked up; an entry nobody computed (typically the first token after the cached blocks,
@@ -96,24 +102,24 @@ def _generate(llm, prompts: Sequence[List[int]], params, what: str):
 
 def answer_logprob_sums(llm, seqs: Sequence[Tuple[List[int], int]]) -> List[Tuple[float, int]]:
     """``(sum of log P(token_i | tokens < i) over i >= prefix length, number of such tokens)`` per
-    ``(token ids, prefix length)``, from vLLM's prompt log-probabilities, in one call (plus, where
-    the prefix cache reached into an answer, the few entries it skipped; see the module docstring)."""
-    from vllm import SamplingParams
+    ``(token ids, prefix length)``, in one call (plus, where the prefix cache reached into an
+    answer, the few entries it skipped; see the module docstring). On an engine that runs
+    personakern's model classes the entries are computed inside the engine for the answer tokens
+    only (:mod:`personakern.vllm.scores`), else they are vLLM's prompt log-probabilities."""
     if not seqs:
         return []
-    kw = dict(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-    outs = _generate(llm, [ids for ids, _ in seqs], SamplingParams(skip_reading_prefix_cache=False, **kw),
-                     "likelihood")
-    # entry i of a request is computed iff position i - 1 was (i > cached tokens); every computed
-    # entry of the answers is kept under its token prefix, which alone determines it
+    scored = engine_scores(llm)
+    outs = _generate(llm, [ids for ids, _ in seqs], _answer_params(seqs, scored, False), "likelihood")
+    # entry i of a request is computed iff position i - 1 was; every computed entry of the
+    # answers is kept under its token prefix, which alone determines it
     known: Dict[tuple, float] = {}
     keys = [_prefix_keys(ids) for ids, _ in seqs]
     for out, (ids, start), key in zip(outs, seqs, keys):
-        lps = out.prompt_logprobs
-        for i in range(max(start, (out.num_cached_tokens or 0) + 1), len(ids)):
-            known[key[i]] = lps[i][ids[i]].logprob
+        for i, lp in _computed(out, ids, start, scored):
+            known[key[i]] = lp
     missing = {k: [i for i in range(start, len(ids)) if key[i] not in known]
-               for k, (out, (ids, start), key) in enumerate(zip(outs, seqs, keys)) if _hit(out, start)}
+               for k, ((ids, start), key) in enumerate(zip(seqs, keys))}
+    missing = {k: m for k, m in missing.items() if m}
     few = [(k, i) for k, m in missing.items() if len(m) <= FEW_MISSING for i in m]
     if few:   # the context up to the entry, from the cache but its last partial block (usually one token)
         got = next_token_logprobs(llm, [seqs[k][0][:i] for k, i in few], [[seqs[k][0][i]] for k, i in few])
@@ -121,18 +127,45 @@ def answer_logprob_sums(llm, seqs: Sequence[Tuple[List[int], int]]) -> List[Tupl
             known[keys[k][i]] = d[seqs[k][0][i]]
     redo = [k for k, m in missing.items() if len(m) > FEW_MISSING]
     if redo:      # the rest again, without reading the cache
-        again = _generate(llm, [seqs[k][0] for k in redo], SamplingParams(skip_reading_prefix_cache=True, **kw),
+        again = _generate(llm, [seqs[k][0] for k in redo], _answer_params([seqs[k] for k in redo], scored, True),
                           "likelihood")
         for k, out in zip(redo, again):
             ids, start = seqs[k]
             if _hit(out, start):
                 raise JudgeError(f"vLLM served {out.num_cached_tokens} prompt tokens from its prefix cache to a "
-                                 f"prompt-logprob request told not to read it; their log-probabilities are not "
-                                 f"computed")
-            for i in range(start, len(ids)):
-                known[keys[k][i]] = out.prompt_logprobs[i][ids[i]].logprob
+                                 f"request told not to read it; their log-probabilities are not computed")
+            for i, lp in _computed(out, ids, start, scored):
+                known[keys[k][i]] = lp
     return [(float(sum(known[key[i]] for i in range(start, len(ids)))), len(ids) - start)
             for (ids, start), key in zip(seqs, keys)]
+
+
+def engine_scores(llm) -> bool:
+    """Whether ``llm`` runs personakern's model classes, which score prompt tokens in the engine."""
+    processor = getattr(getattr(llm, "llm_engine", None), "input_processor", None)
+    return getattr(processor, "personakern_monitored", None) is not None
+
+
+def _answer_params(seqs, scored: bool, skip_cache: bool):
+    from vllm import SamplingParams
+    kw = dict(max_tokens=1, temperature=0.0, detokenize=False, skip_reading_prefix_cache=skip_cache)
+    if not scored:
+        return SamplingParams(prompt_logprobs=0, **kw)
+    from ..vllm.scores import SCORE_KEY
+    return [SamplingParams(extra_args={SCORE_KEY: max(1, int(start))}, **kw) for _, start in seqs]
+
+
+def _computed(out, ids, start: int, scored: bool):
+    """``(i, log P(ids[i] | ids[:i]))`` for the answer entries the request computed."""
+    if scored:
+        vals = getattr(out, "personakern_scores", None)
+        if vals is None:
+            raise JudgeError("the engine returned no scores for a scoring request (personakern's plugin "
+                             "did not run in this engine)")
+        first = max(1, int(start))
+        return [(first + j, float(v)) for j, v in enumerate(vals) if v == v]   # NaN: from the cache
+    lps = out.prompt_logprobs
+    return [(i, lps[i][ids[i]].logprob) for i in range(max(start, (out.num_cached_tokens or 0) + 1), len(ids))]
 
 
 #: a request whose cached prefix reached into its answer and left at most this many of the

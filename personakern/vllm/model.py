@@ -24,6 +24,7 @@ from .results import ReadingsStore
 from .spec import SpecError, spec_of
 from .tables import StepTables
 from .capture import CaptureTables
+from .scores import ScoreStore
 from .vectors import engine_vectors
 
 WHEN_SLOTS_ENV = "PERSONAKERN_VLLM_WHEN_SLOTS"
@@ -69,6 +70,7 @@ class PersonaEngine:
         # capture slots: one per request the scheduler may run at once
         self.capture = CaptureTables(self.catalog.num_layers, self.vectors.vectors.shape[-1],
                                      int(sched.max_num_seqs), max_tokens, device) if self.catalog.capture else None
+        self.scores = ScoreStore()
         self._runner = None
         self._plans: dict[str, tuple] = {}   # req id -> (extra_args object, plan or None)
         self._step = None                    # what end_step needs from begin_step
@@ -87,6 +89,7 @@ class PersonaEngine:
             self.tables.fill([], np.zeros(0), np.zeros(0), np.zeros(0), num_tokens)
             if self.capture is not None:
                 self.capture.fill([], [], np.zeros(0), np.zeros(0), np.zeros(0), num_tokens)
+            self.scores.plan([], [], [], np.zeros(0), np.zeros(0))
             return
         qsl = np.asarray(runner.query_start_loc.np[:n_reqs + 1], dtype=np.int64)
         req_ids = list(batch.req_ids[:n_reqs])
@@ -100,11 +103,15 @@ class PersonaEngine:
             self.capture.fill(req_ids, plans, counts, start, prompt, num_tokens)
         if any(p is not None and p.monitors for p in plans):
             self._step = (req_ids, plans, qsl, start, prompt)
+        states = [runner.requests.get(rid) for rid in req_ids]
+        self.scores.plan(req_ids, [getattr(getattr(st, "sampling_params", None), "extra_args", None) for st in states],
+                         [getattr(st, "prompt_token_ids", None) for st in states], counts, start)
         live = set(runner.requests)
         if len(self._plans) > len(live):
             for rid in [r for r in self._plans if r not in live]:
                 del self._plans[rid]
         self.store.retire(live)
+        self.scores.retire(live)
         if self.capture is not None:
             self.capture.retire(live)
 
@@ -116,6 +123,9 @@ class PersonaEngine:
         self.tables.set_trait(t, torch.from_numpy(np.array(vectors, dtype=np.float32)))
         self._plans.clear()
         return t
+
+    def take_scores(self, ids) -> dict:
+        return self.scores.take(ids)
 
     def take_capture(self, ids) -> dict:
         if self.capture is None:
@@ -181,6 +191,8 @@ class PersonaModelMixin:
         self.personakern.begin_step(int(ref.shape[0]))
         out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         self.personakern.end_step()
+        # requests that score prompt tokens (scores.py): their rows' log-probabilities, eager
+        self.personakern.scores.compute(out, self.compute_logits)
         return out
 
 

@@ -31,6 +31,7 @@ from collections import OrderedDict
 
 from .results import RPC_TAKE
 from .capture import RPC_TAKE_CAPTURE
+from .scores import RPC_TAKE_SCORES
 from .live import RPC_SET_TRAIT
 from .vectors import SUPPORTED_ARCHITECTURES, check_architecture, engine_vectors, plugin_wanted
 
@@ -123,6 +124,7 @@ def _patch_worker() -> None:
     gpu_worker.Worker.load_model = load_model
     setattr(worker_base.WorkerBase, RPC_TAKE, _take_readings)
     setattr(worker_base.WorkerBase, RPC_TAKE_CAPTURE, _take_capture)
+    setattr(worker_base.WorkerBase, RPC_TAKE_SCORES, _take_scores)
     setattr(worker_base.WorkerBase, RPC_SET_TRAIT, _set_trait)
 
 
@@ -154,22 +156,28 @@ def _take_capture(self, ids):
     return model.personakern.take_capture(list(ids))
 
 
+def _take_scores(self, ids):
+    model = _persona_model(self.model_runner.get_model())
+    return model.personakern.take_scores(list(ids))
+
+
 # ---------------------------------------------------------------------------- accepting side
 class _Monitored:
-    """Request ids (external) whose SPEC monitors or captures, bounded: only to know what to
-    fetch. ``pop`` answers ``(monitors, captures)``."""
+    """Request ids (external) whose SPEC monitors or captures, or that score prompt tokens,
+    bounded: only to know what to fetch. ``pop`` answers ``(monitors, captures, scores)``."""
 
     def __init__(self, keep: int = 65536):
         self.ids: "OrderedDict[str, tuple]" = OrderedDict()
         self.keep = keep
 
-    def add(self, rid: str, monitors: bool = True, captures: bool = False) -> None:
-        self.ids[rid] = (monitors, captures)
+    def add(self, rid: str, monitors: bool = True, captures: bool = False, scores: bool = False) -> None:
+        old = self.ids.pop(rid, (False, False, False))
+        self.ids[rid] = (old[0] or monitors, old[1] or captures, old[2] or scores)
         while len(self.ids) > self.keep:
             self.ids.popitem(last=False)
 
     def pop(self, rid: str) -> tuple:
-        return self.ids.pop(rid, (False, False))
+        return self.ids.pop(rid, (False, False, False))
 
 
 def _patch_input_processor() -> None:
@@ -189,9 +197,12 @@ def _patch_input_processor() -> None:
     @functools.wraps(process)
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         spec = _validated_spec(self, params)
+        scores = _validated_score(self, params)
         request = process(self, request_id, prompt, params, *args, **kwargs)
         if spec is not None:
             _mark(self, request, spec)
+        if scores:
+            self.personakern_monitored.add(request.request_id, False, False, True)
         return request
 
     InputProcessor.__init__ = __init__
@@ -214,6 +225,20 @@ def _validated_spec(processor, params):
     if getattr(params, "n", 1) != 1 and (spec.monitors or spec.captures):
         raise ValueError("personakern: monitoring and capture need n=1 (one sequence per request)")
     return spec
+
+
+def _validated_score(processor, params) -> bool:
+    """Whether the request scores prompt tokens (``scores.py``); a bad value, or an engine that
+    does not run personakern's model classes, raises ``ValueError``."""
+    from .scores import SCORE_KEY, score_start
+    if score_start(getattr(params, "extra_args", None)) is None:
+        return False
+    if processor.personakern_catalog is None:
+        raise ValueError(f"personakern: {SCORE_KEY} needs an engine that runs personakern's model classes "
+                         f"(started with $PERSONAKERN_VECTORS, $PERSONAKERN_VLLM_CAPTURE=1 or spare trait columns)")
+    if getattr(params, "n", 1) != 1:
+        raise ValueError(f"personakern: {SCORE_KEY} needs n=1 (one sequence per request)")
+    return True
 
 
 def _mark(processor, request, spec) -> None:
@@ -254,10 +279,12 @@ def attach_readings(llm, outputs) -> None:
     if monitored is None:
         return
     from .capture import to_capture
+    from .scores import to_scores
     wants = {o.request_id: monitored.pop(o.request_id) for o in outputs}
-    # readings (monitored requests) and captured means, each fetched with one call if any
+    # readings (monitored requests), captured means and scores, each fetched with one call if any
     for which, rpc, convert, attr in ((0, RPC_TAKE, to_readings, "personakern"),
-                                      (1, RPC_TAKE_CAPTURE, to_capture, "personakern_capture")):
+                                      (1, RPC_TAKE_CAPTURE, to_capture, "personakern_capture"),
+                                      (2, RPC_TAKE_SCORES, to_scores, "personakern_scores")):
         ids = [r for r, want in wants.items() if want[which]]
         if not ids:
             continue
