@@ -197,3 +197,23 @@ def test_readings_store_and_payloads():
     assert torch.equal(r.values[0, 0], torch.tensor(vals[0][[1, 4]][:, [1, 0]]))
     assert to_json(got)["readings"] == r.values[0].tolist()
     assert store.take(["other"]) == {}                          # taken once
+
+
+def test_readings_of_a_preempted_request():
+    """A monitored request preempted after its prompt and recomputed from token 0 (monitored
+    requests never read the prefix cache): one payload, with every position of the second pass."""
+    spec = parse_spec({"monitor": {"traits": ["evil"], "layers": [2]}}, CAT)
+    plan = build_plan(spec, CAT, 0)
+    store = ReadingsStore(6, 3)
+    first = np.full((3, 6, 3), 1.0, dtype=np.float32)
+    again = np.arange(5 * 6 * 3, dtype=np.float32).reshape(5, 6, 3)
+    store.record("req-9-abcdefgh", plan, 3, 0, first)
+    store.retire([])                                            # preempted: left the batch
+    store.record("req-9-abcdefgh", plan, 3, 0, again[:3])       # back: the prompt again
+    store.record("req-9-abcdefgh", plan, 3, 3, again[3:])       # and two decode steps
+    got = store.take(["req-9"])
+    assert list(got) == ["req-9"]
+    r = to_readings(got["req-9"])
+    assert r.values.shape == (1, 5, 1, 1)
+    assert torch.equal(r.values[0, :, 0, 0], torch.tensor(again[:, 2, 0]))   # block 2, column 0: evil
+    assert store.take(["req-9"]) == {}

@@ -34,24 +34,22 @@ class _Entry:
         self.length = 0
 
 
-class ReadingsStore:
-    def __init__(self, num_layers: int, num_traits: int, keep: int = 1024):
-        self.num_layers, self.num_traits, self.keep = num_layers, num_traits, keep
-        self.active: dict[str, _Entry] = {}
-        self.finished: "OrderedDict[str, _Entry]" = OrderedDict()
+class RequestPool:
+    """Per-request entries of a worker: ``active`` while the request is in the batch, then
+    ``finished`` (the last ``keep``) until taken. A request that left the batch and came back
+    (preempted, recomputed) gets its finished entry back, so what it computed before stays and
+    what it computes again overwrites the same positions."""
 
-    def record(self, rid: str, plan, prompt_len: int, start: int, values: np.ndarray) -> None:
-        """``values [n, L, T]``: readings of positions ``start .. start + n - 1``."""
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.active: dict = {}
+        self.finished: "OrderedDict[str, object]" = OrderedDict()
+
+    def entry(self, rid: str, make):
         e = self.active.get(rid)
         if e is None:
-            e = self.active[rid] = _Entry(plan, prompt_len, self.num_layers, self.num_traits, prompt_len + 64)
-        end = start + values.shape[0]
-        if end > e.values.shape[0]:
-            grow = np.full((max(end, 2 * e.values.shape[0]) - e.values.shape[0],) + e.values.shape[1:],
-                           np.nan, dtype=np.float32)
-            e.values = np.concatenate([e.values, grow])
-        e.values[start:end] = values
-        e.length = max(e.length, end)
+            e = self.active[rid] = self.finished.pop(rid, None) or make()
+        return e
 
     def retire(self, live: Iterable[str]) -> None:
         """Move requests that left the batch (finished or aborted) out of the active set."""
@@ -62,15 +60,36 @@ class ReadingsStore:
             self.finished.popitem(last=False)
 
     def take(self, ids: Iterable[str]) -> dict:
-        """Payloads of the requests with these ids (external or internal), removed from the store."""
+        """Payloads of the requests with these ids (external or internal), removed from the pool."""
         want = set(ids)
         out = {}
-        for pool in (self.active, self.finished):
+        for pool in (self.finished, self.active):
             for rid in [r for r in pool if r in want or external_id(r) in want]:
-                e = pool.pop(rid)
-                key = rid if rid in want else external_id(rid)
-                out[key] = payload(e)
+                out[rid if rid in want else external_id(rid)] = self.payload(pool.pop(rid))
         return out
+
+    def payload(self, entry) -> dict:   # pragma: no cover - every pool defines it
+        raise NotImplementedError
+
+
+class ReadingsStore(RequestPool):
+    def __init__(self, num_layers: int, num_traits: int, keep: int = 1024):
+        super().__init__(keep)
+        self.num_layers, self.num_traits = num_layers, num_traits
+
+    def record(self, rid: str, plan, prompt_len: int, start: int, values: np.ndarray) -> None:
+        """``values [n, L, T]``: readings of positions ``start .. start + n - 1``."""
+        e = self.entry(rid, lambda: _Entry(plan, prompt_len, self.num_layers, self.num_traits, prompt_len + 64))
+        end = start + values.shape[0]
+        if end > e.values.shape[0]:
+            grow = np.full((max(end, 2 * e.values.shape[0]) - e.values.shape[0],) + e.values.shape[1:],
+                           np.nan, dtype=np.float32)
+            e.values = np.concatenate([e.values, grow])
+        e.values[start:end] = values
+        e.length = max(e.length, end)
+
+    def payload(self, entry) -> dict:
+        return payload(entry)
 
 
 def payload(e: _Entry) -> dict:

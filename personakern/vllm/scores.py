@@ -6,8 +6,8 @@ projection, a full log-softmax and the token's rank, and hand each position back
 dict. A request that asks ``extra_args={"personakern_score": f}`` gets instead, on a personakern
 engine, ``log P(token_i | tokens < i)`` for ``i >= f`` only: the final hidden state of the rows
 at positions ``f - 1 .. len - 2`` through the model's own ``compute_logits`` (its head, scaling
-and soft-capping), minus their log-sum-exp, gathered at the next prompt token, for the whole step
-at once. The request reads the prefix cache as any other: entries whose row came from the cache
+and soft-capping) and a float32 log-softmax (as vLLM's), gathered at the next prompt token, for
+the whole step at once. The request reads the prefix cache as any other: entries whose row came from the cache
 are not computed (NaN), as with vLLM's prompt log-probabilities; a preempted request recomputed
 writes the same entries again (an entry depends only on the tokens up to it).
 
@@ -17,11 +17,12 @@ with entry ``i - f`` for token ``i`` (NaN where not computed).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+
+from .results import RequestPool
 
 SCORE_KEY = "personakern_score"
 RPC_TAKE_SCORES = "personakern_take_scores"
@@ -49,14 +50,13 @@ class _Entry:
         self.values = np.full(max(0, prompt_len - start), np.nan, dtype=np.float32)
 
 
-class ScoreStore:
+class ScoreStore(RequestPool):
     """Worker side: which rows of a step are scored (``plan``, on the host before the forward),
-    their log-probabilities (``compute``, after it), kept per request until taken."""
+    their log-probabilities (``compute``, after it), kept per request until taken
+    (``{id: {"start", "values" (bytes)}}``)."""
 
     def __init__(self, keep: int = 65536):
-        self.keep = keep
-        self.active: dict[str, _Entry] = {}
-        self.finished: "OrderedDict[str, _Entry]" = OrderedDict()
+        super().__init__(keep)
         self._step = None
 
     def plan(self, req_ids: Sequence[str], extras: Sequence[Optional[dict]], prompts: Sequence,
@@ -74,9 +74,7 @@ class ScoreStore:
             if f is not None and ids is not None:
                 P = len(ids)
                 lo, hi = max(f, s + 1), min(s + n + 1, P)   # entry i needs the row at position i - 1
-                e = self.active.get(rid)
-                if e is None:   # a preempted request coming back keeps what it computed before
-                    e = self.active[rid] = self.finished.pop(rid, None) or _Entry(f, P)
+                e = self.entry(rid, lambda: _Entry(f, P))
                 if hi > lo:
                     rows.append(np.arange(first + lo - 1 - s, first + hi - 1 - s, dtype=np.int64))
                     targets.append(np.asarray(ids[lo:hi], dtype=np.int64))
@@ -100,32 +98,18 @@ class ScoreStore:
             logits = compute_logits(hidden.index_select(0, rows_t[c:c + CHUNK_ROWS]))
             if logits is None:   # a tensor-parallel rank that does not hold the gathered logits
                 return
-            logits = logits.float()
-            picked = logits.gather(1, tgt_t[c:c + CHUNK_ROWS, None])[:, 0]
-            parts.append(picked - torch.logsumexp(logits, dim=-1))
+            # vLLM's own log-softmax (Sampler.compute_logprobs): the values its prompt
+            # log-probabilities give; faster here than logsumexp (31 vs 44 ms at 512 x 49 152)
+            lp = logits.log_softmax(dim=-1, dtype=torch.float32)
+            parts.append(lp.gather(1, tgt_t[c:c + CHUNK_ROWS, None])[:, 0])
         host = torch.cat(parts).to("cpu").numpy()
         at = 0
         for e, a, b in owners:
             e.values[a:b] = host[at:at + b - a]
             at += b - a
 
-    def retire(self, live: Iterable[str]) -> None:
-        live = set(live)
-        for rid in [r for r in self.active if r not in live]:
-            self.finished[rid] = self.active.pop(rid)
-        while len(self.finished) > self.keep:
-            self.finished.popitem(last=False)
-
-    def take(self, ids: Iterable[str]) -> dict:
-        """``{id: {"start", "values" (bytes)}}`` for these request ids (external or internal)."""
-        from .results import external_id
-        want = set(ids)
-        out = {}
-        for pool in (self.finished, self.active):
-            for rid in [r for r in pool if r in want or external_id(r) in want]:
-                e = pool.pop(rid)
-                out[rid if rid in want else external_id(rid)] = {"start": e.start, "values": e.values.tobytes()}
-        return out
+    def payload(self, entry) -> dict:
+        return {"start": entry.start, "values": entry.values.tobytes()}
 
 
 def to_scores(p: dict) -> np.ndarray:
