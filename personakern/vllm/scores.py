@@ -7,9 +7,9 @@ dict. A request that asks ``extra_args={"personakern_score": f}`` gets instead, 
 engine, ``log P(token_i | tokens < i)`` for ``i >= f`` only: the final hidden state of the rows
 at positions ``f - 1 .. len - 2`` through the model's own ``compute_logits`` (its head, scaling
 and soft-capping) and a float32 log-softmax (as vLLM's), gathered at the next prompt token, for
-the whole step at once. The request reads the prefix cache as any other: entries whose row came from the cache
-are not computed (NaN), as with vLLM's prompt log-probabilities; a preempted request recomputed
-writes the same entries again (an entry depends only on the tokens up to it).
+the whole step at once. The request reads the prefix cache as any other: entries whose row came
+from the cache are not computed (NaN), as with vLLM's prompt log-probabilities; a preempted
+request recomputed writes the same entries again (an entry depends only on the tokens up to it).
 
 The values reach the caller as the readings do (kept per request in the worker, taken by id with
 one ``collective_rpc`` after ``generate()``): ``RequestOutput.personakern_scores``, a float32 array
