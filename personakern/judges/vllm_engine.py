@@ -142,8 +142,8 @@ def answer_logprob_sums(llm, seqs: Sequence[Tuple[List[int], int]]) -> List[Tupl
 
 def engine_scores(llm) -> bool:
     """Whether ``llm`` runs personakern's model classes, which score prompt tokens in the engine."""
-    processor = getattr(getattr(llm, "llm_engine", None), "input_processor", None)
-    return getattr(processor, "personakern_monitored", None) is not None
+    from ..vllm.plugin import runs_personakern
+    return runs_personakern(llm)
 
 
 def _answer_params(seqs, scored: bool, skip_cache: bool):

@@ -93,17 +93,16 @@ class PersonaEngine:
             return
         qsl = np.asarray(runner.query_start_loc.np[:n_reqs + 1], dtype=np.int64)
         req_ids = list(batch.req_ids[:n_reqs])
-        plans = [self._plan(rid, runner.requests.get(rid)) for rid in req_ids]
+        states = [runner.requests.get(rid) for rid in req_ids]
+        plans = [self._plan(rid, st) for rid, st in zip(req_ids, states)]
         counts = np.diff(qsl)
         start = np.asarray(batch.num_computed_tokens_cpu[:n_reqs], dtype=np.int64)
-        prompt = np.array([getattr(runner.requests.get(rid), "num_prompt_tokens", 0) for rid in req_ids],
-                          dtype=np.int64)
+        prompt = np.array([getattr(st, "num_prompt_tokens", 0) for st in states], dtype=np.int64)
         self.tables.fill(plans, counts, start, prompt, num_tokens)
         if self.capture is not None:
             self.capture.fill(req_ids, plans, counts, start, prompt, num_tokens)
         if any(p is not None and p.monitors for p in plans):
             self._step = (req_ids, plans, qsl, start, prompt)
-        states = [runner.requests.get(rid) for rid in req_ids]
         self.scores.plan(req_ids, [getattr(getattr(st, "sampling_params", None), "extra_args", None) for st in states],
                          [getattr(st, "prompt_token_ids", None) for st in states], counts, start)
         live = set(runner.requests)

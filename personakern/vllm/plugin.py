@@ -272,10 +272,20 @@ def _patch_offline() -> None:
     LLM._run_engine = _run_engine
 
 
+def runs_personakern(llm) -> bool:
+    """Whether the offline engine ``llm`` runs personakern's model classes (it takes SPECs and
+    scoring requests and hands their results back)."""
+    return _monitored(llm) is not None
+
+
+def _monitored(llm):
+    processor = getattr(getattr(llm, "llm_engine", None), "input_processor", None)
+    return getattr(processor, "personakern_monitored", None)
+
+
 def attach_readings(llm, outputs) -> None:
     from .results import first_rank, to_readings
-    processor = getattr(llm.llm_engine, "input_processor", None)
-    monitored = getattr(processor, "personakern_monitored", None)
+    monitored = _monitored(llm)
     if monitored is None:
         return
     from .capture import to_capture
