@@ -15,7 +15,8 @@ Judged by a stand-in (a checksum: no model), so the times are the sweep's genera
 judges' own HF/vLLM times are in ``judges-vllm.json``. ``--judge likelihood``: the default
 likelihood judge on the arm's engine (on vLLM, as ``personakern extract --engine vllm`` runs it:
 one engine, started in the timed region, for the answers and the judge), so the times are the
-whole sweep stage. Writes ``benchmarks/results/cpu/sweep-vllm.json`` (``--out``).
+whole sweep stage; the judge's own calls are timed too (``judge_s``). Writes
+``benchmarks/results/cpu/sweep-vllm.json`` (``--out``).
 """
 from __future__ import annotations
 
@@ -44,6 +45,29 @@ class Checksum:
         return [80.0] * len(answers)
 
 
+class Timed:
+    """A judge whose ``score``/``coherence`` calls add up their wall time in ``seconds``."""
+
+    def __init__(self, judge):
+        self.judge, self.seconds = judge, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.judge, name)
+
+    def _timed(self, method, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return getattr(self.judge, method)(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+    def score(self, *args, **kwargs):
+        return self._timed("score", *args, **kwargs)
+
+    def coherence(self, *args, **kwargs):
+        return self._timed("coherence", *args, **kwargs)
+
+
 def worker(engine: str, args) -> None:
     sys.path.insert(0, str(ROOT))
     import personakern
@@ -67,6 +91,7 @@ def worker(engine: str, args) -> None:
                 started = time.perf_counter() - t
             judge = make_judge("likelihood", model=model, tokenizer=tok, engine=engine,
                                **({"llm": llm} if llm is not None else {}))
+        judge = Timed(judge)
         res = sweep.steering_sweep(model, tok, load_spec("evil"), v, judge, Path(out), cfg, "bench",
                                    progress=False, engine=engine, llm=llm)
         dt = time.perf_counter() - t
@@ -74,7 +99,8 @@ def worker(engine: str, args) -> None:
             from personakern.vllm.engine import close_llm
             close_llm(llm)
     n = len(res["cells"]) + 1
-    print(json.dumps({"s": dt, "engine_start_s": started, "cells": n, "answers": n * res["questions"]}), flush=True)
+    print(json.dumps({"s": dt, "engine_start_s": started, "judge_s": judge.seconds, "cells": n,
+                      "answers": n * res["questions"]}), flush=True)
 
 
 def main() -> None:
@@ -97,6 +123,7 @@ def main() -> None:
     passthrough = ["--layers", *map(str, args.layers), "--alphas", *map(str, args.alphas),
                    "--questions", str(args.questions), "--tokens", str(args.tokens), "--judge", args.judge]
     times = {"hf": [], "vllm": []}
+    judged = {"hf": [], "vllm": []}
     starts = []
     info = {}
     for r in range(args.rounds):
@@ -107,11 +134,12 @@ def main() -> None:
                 raise SystemExit(f"{engine} worker failed:\n{p.stderr[-4000:]}")
             res = json.loads([l for l in p.stdout.splitlines() if l.startswith('{"s"')][-1])
             times[engine].append(res["s"])
+            judged[engine].append(res.get("judge_s", 0.0))
             if engine == "vllm":
                 starts.append(res.get("engine_start_s", 0.0))
             info = res
-            print(f"round {r + 1}/{args.rounds} {engine}: {res['s']:.1f} s (engine start {res.get('engine_start_s', 0.0):.1f} s)",
-                  flush=True)
+            print(f"round {r + 1}/{args.rounds} {engine}: {res['s']:.1f} s (engine start "
+                  f"{res.get('engine_start_s', 0.0):.1f} s, judge {res.get('judge_s', 0.0):.1f} s)", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = [h / v for h, v in zip(times["hf"], times["vllm"])]
     report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
@@ -120,7 +148,9 @@ def main() -> None:
               "vllm_engine_core": "spawned process" if args.spawn else "in-process", "rounds": args.rounds,
               "times_s": times, "median_s": med, "answers_per_s": {k: info["answers"] / v for k, v in med.items()},
               "hf_over_vllm_medians": med["hf"] / med["vllm"], "hf_over_vllm_per_round": ratios,
-              "vllm_engine_start_s": starts}
+              "vllm_engine_start_s": starts,
+              # the judge's calls alone (trait score and coherence), inside times_s
+              "judge_s": judged, "judge_median_s": {k: statistics.median(v) for k, v in judged.items()}}
     if any(starts):   # the sweep stage on an engine already running, as inside `extract --engine vllm`
         staged = [v - s for v, s in zip(times["vllm"], starts)]
         report["vllm_without_engine_start_s"] = staged

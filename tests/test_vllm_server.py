@@ -140,3 +140,92 @@ def test_requests_without_spec_are_plain_vllm(client):
         assert tokens == p["tokens"]
         assert lp.token_logprobs == p["logprobs"]
         assert not any(math.isnan(x) for x in lp.token_logprobs)
+
+
+# ------------------------------------------------------------------------------ scoring requests
+LONG = ("Describe, step by step and in plain words, how a bicycle's gears let a rider climb a steep hill "
+        "without standing on the pedals, and what changes when the chain jumps to a larger sprocket. ") * 3
+
+
+def score(client, ids, f, **kw):
+    body = {"vllm_xargs": {"personakern_score": f}}
+    body.update(kw.pop("extra_body", {}))
+    return client.completions.create(model="smollm2", prompt=ids, max_tokens=1, temperature=0, extra_body=body, **kw)
+
+
+def hf_logprobs(ids):
+    """log P(token_i | < i) for i >= 1 from the Hugging Face model (float32, no engine)."""
+    import torch
+    model, _ = _hf_model()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    return logits.log_softmax(-1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def test_scoring_request_returns_its_prompt_logprobs(client):
+    """A scored completion carries log P(token_i | < i) from position f on: equal to the same
+    server's prompt_logprobs (1e-4 nats) and to Hugging Face's (2e-3); asked again, the rows the
+    prefix cache served are null and the rest unchanged."""
+    _, tok = _hf_model()
+    ids = chat_ids(tok, [LONG + "(scored once)"])[0]
+    f = 7
+    first = score(client, ids, f).model_extra["personakern_scores"]
+    assert first["start"] == f and len(first["logprobs"]) == len(ids) - f
+    assert all(x is not None for x in first["logprobs"])   # a new prompt: nothing came from the cache
+    ref = client.completions.create(model="smollm2", prompt=ids, max_tokens=1, temperature=0,
+                                    extra_body={"prompt_logprobs": 0}).choices[0].model_extra["prompt_logprobs"]
+    served = [ref[i][str(ids[i])]["logprob"] for i in range(f, len(ids))]
+    assert max(abs(a - b) for a, b in zip(first["logprobs"], served)) < 1e-4
+    hf = hf_logprobs(ids)[f - 1:]
+    assert max(abs(a - b) for a, b in zip(first["logprobs"], hf)) < 2e-3
+    again = score(client, ids, f).model_extra["personakern_scores"]["logprobs"]
+    cached = sum(x is None for x in again)
+    assert all(x is None for x in again[:cached]) and all(x is not None for x in again[cached:])
+    assert again[cached:] == first["logprobs"][cached:]
+
+
+def test_scores_of_several_prompts_stream_and_spec(client):
+    """A completion of two prompts carries one object per prompt, in order; a chat stream carries
+    them on its last data chunk; a request with a SPEC and a score gets readings and scores."""
+    _, tok = _hf_model()
+    a, b = chat_ids(tok, [LONG + "(pair a)", "Why do cats purr? (pair b)"])
+    both = score(client, [a, b], 3).model_extra["personakern_scores"]
+    assert [len(x["logprobs"]) for x in both] == [len(a) - 3, len(b) - 3]
+    for got, ids in zip(both, (a, b)):
+        ref = hf_logprobs(ids)[2:]
+        assert max(abs(x - y) for x, y in zip(got["logprobs"], ref) if x is not None) < 2e-3
+    xa = {"vllm_xargs": {"personakern_score": 2}}
+    msgs = [{"role": "user", "content": "Name three rivers. (streamed score)"}]
+    full = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=4, temperature=0,
+                                          extra_body=xa).model_extra["personakern_scores"]
+    chunks = list(client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=4, temperature=0,
+                                                 stream=True, extra_body=xa))
+    extras = [c.model_extra.get("personakern_scores") for c in chunks]
+    assert all(e is None for e in extras[:-1]) and extras[-1]["start"] == 2
+    assert len(extras[-1]["logprobs"]) == len(full["logprobs"])
+    # the streamed request read the first one's blocks from the cache: its computed entries match
+    assert all(x is None or x == y for x, y in zip(extras[-1]["logprobs"], full["logprobs"]))
+    mixed = client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=4, temperature=0,
+                                           extra_body={"vllm_xargs": {"personakern": json.dumps(SPEC),
+                                                                      "personakern_score": 1}})
+    assert mixed.model_extra["personakern"]["traits"] == ["evil", "humorous"]
+    assert mixed.model_extra["personakern_scores"]["start"] == 1
+
+
+@pytest.mark.parametrize("value,extra,message", [
+    (0, {}, "must be a positive integer"),
+    ("2", {}, "must be a positive integer"),
+    (1.5, {}, "must be a positive integer"),
+    (-3, {}, "must be a positive integer"),   # (a JSON true arrives as 1: vLLM's field has no bool)
+    (2, {"n": 2}, "needs n=1"),
+])
+def test_bad_scoring_request_is_a_400(client, value, extra, message):
+    import openai
+    _, tok = _hf_model()
+    ids = chat_ids(tok, ["Hello."])[0]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="smollm2", prompt=ids, max_tokens=1, temperature=0,
+                                  extra_body={"vllm_xargs": {"personakern_score": value}}, **extra)
+    assert err.value.status_code == 400 and message in str(err.value)
+    ok = chat(client, max_tokens=2)
+    assert ok.choices[0].finish_reason in ("length", "stop")

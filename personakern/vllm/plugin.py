@@ -197,7 +197,7 @@ def _patch_input_processor() -> None:
     @functools.wraps(process)
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         spec = _validated_spec(self, params)
-        scores = _validated_score(self, params)
+        scores = validated_score(self, params)
         request = process(self, request_id, prompt, params, *args, **kwargs)
         if spec is not None:
             _mark(self, request, spec)
@@ -227,13 +227,14 @@ def _validated_spec(processor, params):
     return spec
 
 
-def _validated_score(processor, params) -> bool:
+def validated_score(processor, params) -> bool:
     """Whether the request scores prompt tokens (``scores.py``); a bad value, or an engine that
-    does not run personakern's model classes, raises ``ValueError``."""
+    does not run personakern's model classes, raises ``ValueError``. The server checks its
+    requests with it too, before they reach the engine."""
     from .scores import SCORE_KEY, score_start
     if score_start(getattr(params, "extra_args", None)) is None:
         return False
-    if processor.personakern_catalog is None:
+    if getattr(processor, "personakern_catalog", None) is None:
         raise ValueError(f"personakern: {SCORE_KEY} needs an engine that runs personakern's model classes "
                          f"(started with $PERSONAKERN_VECTORS, $PERSONAKERN_VLLM_CAPTURE=1 or spare trait columns)")
     if getattr(params, "n", 1) != 1:

@@ -88,16 +88,12 @@ class ReadingsStore(RequestPool):
         e.values[start:end] = values
         e.length = max(e.length, end)
 
-    def payload(self, entry) -> dict:
-        return payload(entry)
-
-
-def payload(e: _Entry) -> dict:
-    plan = e.plan
-    vals = e.values[:e.length][:, list(plan.monitor_layers)][:, :, list(plan.monitor_traits)]
-    vals = np.ascontiguousarray(vals, dtype=np.float32)
-    return {"traits": list(plan.spec.monitor_traits), "layers": list(plan.monitor_layers),
-            "prompt_length": e.prompt_len, "shape": list(vals.shape), "values": vals.tobytes()}
+    def payload(self, e: _Entry) -> dict:
+        plan = e.plan
+        vals = e.values[:e.length][:, list(plan.monitor_layers)][:, :, list(plan.monitor_traits)]
+        vals = np.ascontiguousarray(vals, dtype=np.float32)
+        return {"traits": list(plan.spec.monitor_traits), "layers": list(plan.monitor_layers),
+                "prompt_length": e.prompt_len, "shape": list(vals.shape), "values": vals.tobytes()}
 
 
 def to_readings(p: dict) -> Readings:

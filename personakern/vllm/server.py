@@ -6,9 +6,13 @@ field takes only scalars). The chat and completion handlers are wrapped so that
 - a bad SPEC is an HTTP 400 naming the problem, answered before anything reaches the engine;
 - a monitored request's response has a top-level ``"personakern"`` object (``results.to_json``;
   a completion of several prompts: a list, one per prompt); a stream carries it on its last
-  data chunk (the one before ``[DONE]``).
+  data chunk (the one before ``[DONE]``);
+- a scoring request (``{"personakern_score": f}``, :mod:`.scores`) is checked the same way (a bad
+  value is an HTTP 400) and its response has a top-level ``"personakern_scores"`` object,
+  ``{"start": f, "logprobs": [...]}`` with ``null`` where the row came from the prefix cache
+  (a list of them for a completion of several prompts; on a stream's last data chunk).
 
-Requests without a SPEC go through vLLM's handlers untouched.
+Requests with neither go through vLLM's handlers untouched.
 """
 from __future__ import annotations
 
@@ -17,7 +21,10 @@ import json
 import logging
 import os
 
+import numpy as np
+
 from .results import RPC_TAKE, first_rank, to_json
+from .scores import RPC_TAKE_SCORES, SCORE_KEY, to_scores
 from .spec import KEY, SpecError, no_vectors_error, parse_spec
 
 log = logging.getLogger("personakern.vllm")
@@ -38,21 +45,26 @@ def _wrap(original):
     @functools.wraps(original)
     async def handler(self, request, raw_request=None, *args, **kwargs):
         xargs = getattr(request, "vllm_xargs", None) or {}
-        if KEY not in xargs:
+        if KEY not in xargs and SCORE_KEY not in xargs:
             return await original(self, request, raw_request, *args, **kwargs)
         try:
-            spec = _validate(self, xargs[KEY])
-        except SpecError as e:
+            spec = _validate(self, xargs[KEY]) if KEY in xargs else None
+            scores = _validate_score(self, request, xargs)
+        except (SpecError, ValueError) as e:
             return self.create_error_response(str(e))
         result = await original(self, request, raw_request, *args, **kwargs)
-        if not spec.monitors or not hasattr(result, "__aiter__") and not hasattr(result, "id"):
-            return result  # not monitored, or an error response
+        # what the response carries: (rpc, field, payload -> JSON)
+        wanted = ([(RPC_TAKE, KEY, to_json)] if spec is not None and spec.monitors else []) + \
+                 ([(RPC_TAKE_SCORES, "personakern_scores", scores_json)] if scores else [])
+        if not wanted or not hasattr(result, "__aiter__") and not hasattr(result, "id"):
+            return result  # nothing to attach, or an error response
         num_prompts = _num_prompts(request)
         if hasattr(result, "__aiter__"):
-            return _stream(self, result, num_prompts)
-        got = await _take(self, result.id, num_prompts)
-        if got is not None:
-            result.personakern = got
+            return _stream(self, result, num_prompts, wanted)
+        for rpc, field, convert in wanted:
+            got = await _take(self, rpc, convert, result.id, num_prompts)
+            if got is not None:
+                setattr(result, field, got)
         return result
     return handler
 
@@ -71,6 +83,20 @@ def _validate(serving, raw):
     return spec
 
 
+def _validate_score(serving, request, xargs) -> bool:
+    """Whether the request scores prompt tokens; ``ValueError`` as the offline engine raises it."""
+    from types import SimpleNamespace
+    from .plugin import validated_score
+    params = SimpleNamespace(extra_args=xargs, n=getattr(request, "n", None) or 1)
+    return validated_score(serving.engine_client.input_processor, params)
+
+
+def scores_json(p: dict) -> dict:
+    """A scoring request's worker payload as JSON: ``logprobs[i - start]`` = log P(token i | < i),
+    ``null`` where the row came from the prefix cache."""
+    return {"start": int(p["start"]), "logprobs": [None if np.isnan(x) else float(x) for x in to_scores(p)]}
+
+
 def _num_prompts(request) -> int:
     prompt = getattr(request, "prompt", None)
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
@@ -78,23 +104,23 @@ def _num_prompts(request) -> int:
     return 1
 
 
-async def _take(serving, response_id: str, num_prompts: int):
+async def _take(serving, rpc: str, convert, response_id: str, num_prompts: int):
     # chat names its engine request "<id>", a completion "<id>-<prompt index>"
     ids = [response_id, f"{response_id}-0"] if num_prompts == 1 else [f"{response_id}-{i}" for i in range(num_prompts)]
-    got = first_rank(await serving.engine_client.collective_rpc(RPC_TAKE, args=(ids,)))
+    got = first_rank(await serving.engine_client.collective_rpc(rpc, args=(ids,)))
     if num_prompts == 1:
         p = got.get(response_id) or got.get(f"{response_id}-0")
-        return None if p is None else to_json(p)
-    return [None if got.get(i) is None else to_json(got[i]) for i in ids]
+        return None if p is None else convert(p)
+    return [None if got.get(i) is None else convert(got[i]) for i in ids]
 
 
-async def _stream(serving, chunks, num_prompts: int):
-    """Pass the stream through, holding one chunk back: the last data chunk gets the readings."""
+async def _stream(serving, chunks, num_prompts: int, wanted):
+    """Pass the stream through, holding one chunk back: the last data chunk gets the results."""
     held = None
     async for chunk in chunks:
         if isinstance(chunk, str) and chunk.startswith("data: [DONE]"):
             if held is not None:
-                held = await _with_readings(serving, held, num_prompts)
+                held = await _with_results(serving, held, num_prompts, wanted)
                 yield held
                 held = None
             yield chunk
@@ -106,16 +132,16 @@ async def _stream(serving, chunks, num_prompts: int):
         yield held
 
 
-async def _with_readings(serving, chunk: str, num_prompts: int) -> str:
+async def _with_results(serving, chunk: str, num_prompts: int, wanted) -> str:
     try:
         body = json.loads(chunk[len("data: "):])
         response_id = body.get("id")
         if not response_id:
             return chunk
-        got = await _take(serving, response_id, num_prompts)
-        if got is None:
-            return chunk
-        body[KEY] = got
+        for rpc, field, convert in wanted:
+            got = await _take(serving, rpc, convert, response_id, num_prompts)
+            if got is not None:
+                body[field] = got
         return f"data: {json.dumps(body)}\n\n"
     except (ValueError, KeyError):  # an error chunk, not a response chunk
         return chunk
