@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_support import TRAITS_FILE, _hf_model, close, in_process_llm, require_vllm, smollm2_path
+from vllm_support import TRAITS_FILE, _hf_model, close, in_process_llm, require_vllm, run_script, smollm2_path
 
 require_vllm()
 pytestmark = pytest.mark.slow
@@ -217,3 +217,20 @@ def test_cli_takes_the_engine():
     assert (args.engine, args.judge_engine or args.engine, args.sweep_engine or args.engine) == ("hf",) * 3
     with pytest.raises(SystemExit):
         build_parser().parse_args(["extract", "--judge-engine", "cuda"])
+
+
+def test_the_judge_engine_it_starts_scores_in_the_engine(spec):
+    """``--judge-engine vllm`` starts its own engine: on SmolLM2 one that runs personakern's
+    model classes (scoring requests), with the same margins and neutral log-probabilities as the
+    Hugging Face judge, and the environment as it was after the start."""
+    import json
+    job = {"model": smollm2_path(), "questions": QUESTIONS, "answers": ANSWERS}
+    got = run_script("judge_engine.py", {"PK_JOB": json.dumps(job), "PERSONAKERN_VECTORS": None,
+                                         "PERSONAKERN_VLLM_SPARE_TRAITS": None, "PERSONAKERN_VLLM_CAPTURE": None})["results"]
+    assert got["scores_in_engine"] is True and got["spare_env_after"] is None
+    model, tok = _hf_model()
+    hf = make_judge("likelihood", model, tok)
+    for a, b in zip(got["margins"], hf.margins(spec, QUESTIONS, ANSWERS)):
+        assert abs(a - b) < 1e-3
+    for a, b in zip(got["neutral"], hf.neutral_logprobs(QUESTIONS, ANSWERS)):
+        assert abs(a - b) < 1e-3

@@ -46,7 +46,10 @@ LLM judge
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -66,9 +69,14 @@ ALL_AT_ONCE = 1 << 30   # batch_size of the vLLM judges: every item of a call in
 
 def judge_engine(model_path: str = "smollm2", **overrides):
     """A ``vllm.LLM`` for judging: :func:`personakern.vllm.engine.make_llm` with prefix caching
-    on and, on CPU, :data:`CPU_BLOCK_SIZE`-token KV blocks. Raises :class:`JudgeError` when vLLM
-    cannot run here or the model folder is missing."""
+    on and, on CPU, :data:`CPU_BLOCK_SIZE`-token KV blocks. For a model personakern runs inside
+    vLLM (Llama, Mistral, Qwen2/3), and unless the environment already names vectors, capture or
+    spare columns, the engine runs personakern's model classes (one spare trait column, no
+    vectors), so the likelihood judge takes its scoring requests instead of vLLM's prompt
+    log-probabilities (:func:`engine_scores`); any other model gets a plain engine. Raises
+    :class:`JudgeError` when vLLM cannot run here or the model folder is missing."""
     from ..vllm.engine import EngineUnavailable, make_llm, require_vllm
+    from ..vllm.vectors import SPARE_ENV
     try:
         require_vllm()
         from vllm.platforms import current_platform
@@ -76,9 +84,33 @@ def judge_engine(model_path: str = "smollm2", **overrides):
         if current_platform.is_cpu():
             args["block_size"] = CPU_BLOCK_SIZE
         args.update(overrides)
-        return make_llm(model_path, **args)
+        spare, before = _personakern_classes_fit(model_path), os.environ.get(SPARE_ENV)
+        if spare:
+            os.environ[SPARE_ENV] = "1"   # read while the engine starts (a spawned core inherits it)
+        try:
+            return make_llm(model_path, **args)
+        finally:
+            if spare and before is None:
+                os.environ.pop(SPARE_ENV, None)
+            elif spare:
+                os.environ[SPARE_ENV] = before
     except EngineUnavailable as e:
         raise JudgeError(f"vLLM judge engine: {e}") from e
+
+
+def _personakern_classes_fit(model_path: str) -> bool:
+    """Whether a judge engine on ``model_path`` should run personakern's model classes: its
+    architecture is one they cover and nothing in the environment chose already."""
+    from ..models import resolve
+    from ..vllm.capture import CAPTURE_ENV
+    from ..vllm.vectors import ENV_VAR, SPARE_ENV, SUPPORTED_ARCHITECTURES
+    if any(os.environ.get(k) for k in (ENV_VAR, SPARE_ENV, CAPTURE_ENV)):
+        return False
+    try:
+        config = json.loads((Path(resolve(model_path)) / "config.json").read_text())
+    except (OSError, ValueError, KeyError):   # a hub id, an unreadable folder: make_llm says what is wrong
+        return False
+    return any(a in SUPPORTED_ARCHITECTURES for a in config.get("architectures") or [])
 
 
 def _max_model_len(llm) -> Optional[int]:
