@@ -25,7 +25,8 @@ def fake_llm(monkeypatch, tmp_path):
         fail = False
 
         def __init__(self, folder, **kwargs):
-            seen.append({KV: os.environ.get(KV), MP: os.environ.get(MP), "kwargs": kwargs})
+            seen.append({KV: os.environ.get(KV), MP: os.environ.get(MP), "kwargs": kwargs,
+                         "environ": dict(os.environ)})
             if FakeLLM.fail:
                 raise RuntimeError("engine build failed")
 
@@ -76,3 +77,22 @@ def test_a_failed_build_leaves_the_environment_as_it_was(fake_llm, monkeypatch):
         engine.make_llm(folder)
     assert seen[-1][KV] is not None
     assert KV not in os.environ and MP not in os.environ and not len(engine._IN_PROCESS)
+
+
+def test_the_callers_environment_is_in_force_while_building_and_restored(fake_llm, monkeypatch):
+    FakeLLM, seen, folder = fake_llm
+    monkeypatch.setattr(engine, "_cpu_platform", lambda vllm: True)
+    monkeypatch.setenv("PK_TEST_KEEP", "old")
+    monkeypatch.setenv("PK_TEST_DROP", "there")
+    monkeypatch.delenv("PK_TEST_NEW", raising=False)
+    names = ("PK_TEST_KEEP", "PK_TEST_DROP", "PK_TEST_NEW", KV)
+    env = {"PK_TEST_KEEP": "new", "PK_TEST_DROP": None, "PK_TEST_NEW": "1", KV: "5"}
+    llm = engine.make_llm(folder, env=dict(env))
+    assert tuple(seen[-1]["environ"].get(k) for k in names) == ("new", None, "1", "5")
+    assert tuple(os.environ.get(k) for k in names) == ("old", "there", None, None)
+    engine._IN_PROCESS.discard(llm)
+    FakeLLM.fail = True   # a failed build restores them too
+    with pytest.raises(RuntimeError, match="engine build failed"):
+        engine.make_llm(folder, env=dict(env))
+    assert seen[-1]["environ"].get("PK_TEST_NEW") == "1"
+    assert tuple(os.environ.get(k) for k in names) == ("old", "there", None, None)

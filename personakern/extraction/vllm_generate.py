@@ -77,16 +77,9 @@ def start_engine(model, vector_file=None, capture: bool = False, spare: int = 0,
         overrides["logits_processors"] = [*(overrides.get("logits_processors") or ()), NUCLEUS_FQCN]
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     folder = _model_folder(model)
-    want = {ENV_VAR: None if vector_file is None else str(vector_file),
-            CAPTURE_ENV: "1" if capture else None, SPARE_ENV: str(int(spare)) if spare else None}
-    old = {k: os.environ.get(k) for k in want}
-    try:
-        for k, v in want.items():
-            _setenv(k, v)
-        return make_llm(folder, dtype=dtype, **overrides)
-    finally:
-        for k, v in old.items():
-            _setenv(k, v)
+    env = {ENV_VAR: None if vector_file is None else str(vector_file),
+           CAPTURE_ENV: "1" if capture else None, SPARE_ENV: str(int(spare)) if spare else None}
+    return make_llm(folder, dtype=dtype, env=env, **overrides)
 
 
 @contextlib.contextmanager
@@ -99,13 +92,6 @@ def steering_engine(model, vector_file=None, capture: bool = False, spare: int =
     finally:
         close_llm(llm)
         del llm
-
-
-def _setenv(key: str, value: Optional[str]) -> None:
-    if value is None:
-        os.environ.pop(key, None)
-    else:
-        os.environ[key] = value
 
 
 def sampling_params(settings: GenSettings, eos: set, seed: Optional[int], spec: Optional[dict],

@@ -84,16 +84,8 @@ def judge_engine(model_path: str = "smollm2", **overrides):
         if current_platform.is_cpu():
             args["block_size"] = CPU_BLOCK_SIZE
         args.update(overrides)
-        spare, before = _personakern_classes_fit(model_path), os.environ.get(SPARE_ENV)
-        if spare:
-            os.environ[SPARE_ENV] = "1"   # read while the engine starts (a spawned core inherits it)
-        try:
-            return make_llm(model_path, **args)
-        finally:
-            if spare and before is None:
-                os.environ.pop(SPARE_ENV, None)
-            elif spare:
-                os.environ[SPARE_ENV] = before
+        env = {SPARE_ENV: "1"} if _personakern_classes_fit(model_path) else {}
+        return make_llm(model_path, env=env, **args)
     except EngineUnavailable as e:
         raise JudgeError(f"vLLM judge engine: {e}") from e
 

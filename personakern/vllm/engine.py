@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import weakref
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 #: Settings of a scoring engine. float32 because personakern's Hugging Face path loads float32
 #: (the judges must agree with it); eager because scoring is all prefill, where CUDA graphs and
@@ -83,9 +83,12 @@ MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 _IN_PROCESS: "weakref.WeakSet" = weakref.WeakSet()   # open in-process engines made by make_llm
 
 
-def make_llm(model: str = "smollm2", *, block_size: Optional[int] = None, **overrides):
+def make_llm(model: str = "smollm2", *, block_size: Optional[int] = None,
+             env: Optional[Mapping[str, Optional[str]]] = None, **overrides):
     """A ``vllm.LLM`` on ``model`` with :data:`DEFAULTS`, then ``overrides`` (any ``LLM``
-    keyword). ``block_size`` is the KV block size; left None, vLLM's default.
+    keyword). ``block_size`` is the KV block size; left None, vLLM's default. ``env``: environment
+    variables in force while the engine is built (a spawned engine process inherits them; None
+    unsets one), each restored afterwards.
 
     The engine runs in the calling process unless ``$VLLM_ENABLE_V1_MULTIPROCESSING`` is set or
     another in-process engine made here is still open (vLLM's in-process engines share the
@@ -99,21 +102,30 @@ def make_llm(model: str = "smollm2", *, block_size: Optional[int] = None, **over
         args["block_size"] = block_size
     args.update(overrides)
     folder = model_folder(model)
-    env = {}   # read while the engine is built (a spawned engine process inherits them)
-    if KV_SPACE_ENV not in os.environ and _cpu_platform(vllm):
-        env[KV_SPACE_ENV] = str(default_cpu_kv_space())
-    in_process = MULTIPROCESSING_ENV not in os.environ and not len(_IN_PROCESS)
+    want = dict(env or {})
+    if KV_SPACE_ENV not in want and KV_SPACE_ENV not in os.environ and _cpu_platform(vllm):
+        want[KV_SPACE_ENV] = str(default_cpu_kv_space())
+    in_process = (want.get(MULTIPROCESSING_ENV, os.environ.get(MULTIPROCESSING_ENV)) is None
+                  and not len(_IN_PROCESS))
     if in_process:
-        env[MULTIPROCESSING_ENV] = "0"
-    os.environ.update(env)
+        want[MULTIPROCESSING_ENV] = "0"
+    before = {key: os.environ.get(key) for key in want}
     try:
+        _set_environ(want)
         llm = vllm.LLM(folder, **args)
     finally:
-        for key in env:
-            os.environ.pop(key, None)
+        _set_environ(before)
     if in_process:
         _IN_PROCESS.add(llm)
     return llm
+
+
+def _set_environ(values: Mapping[str, Optional[str]]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _cpu_platform(vllm) -> bool:
