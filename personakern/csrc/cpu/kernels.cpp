@@ -130,7 +130,9 @@ void steer_rows(const SteerArgs& a, int64_t r0, int64_t r1) {
   // beyond it 1.10-1.28x, then 1.10-1.17x more from the prefetch. float32 keeps the dot products
   // over one parked row (with the next row prefetched in calls too large for the cache): tiles
   // measured 0.68-1.1x there, and with the tile code in the float32 instantiation its dot path
-  // ran 0.89-0.94x as fast, so for float32 the tile branch is compiled out. The two sum in
+  // ran 0.89-0.94x as fast (most likely GCC's inliner giving up on the larger function, as it
+  // did for read_block once: docs/benchmarks.md), so for float32 the tile branch is compiled
+  // out. The two sum in
   // different orders: within a call every row takes the same path, across paths readings agree
   // to float rounding.
   constexpr bool kTiles = sizeof(T) < sizeof(float);
