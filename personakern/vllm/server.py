@@ -138,10 +138,12 @@ async def _with_results(serving, chunk: str, num_prompts: int, wanted) -> str:
         response_id = body.get("id")
         if not response_id:
             return chunk
+        attached = False
         for rpc, field, convert in wanted:
             got = await _take(serving, rpc, convert, response_id, num_prompts)
             if got is not None:
                 body[field] = got
-        return f"data: {json.dumps(body)}\n\n"
+                attached = True
+        return f"data: {json.dumps(body)}\n\n" if attached else chunk   # nothing to add: the chunk as sent
     except (ValueError, KeyError):  # an error chunk, not a response chunk
         return chunk
