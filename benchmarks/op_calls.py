@@ -2,11 +2,13 @@
 two worktrees (each with its own library) in alternating processes and take the ratios per
 cell. Only the public ops are called, so any commit since the op contract can be compared.
 
-    python benchmarks/op_calls.py --threads 1 [--sizes decode|prefill]
+    python benchmarks/op_calls.py --threads 1 [--sizes decode|prefill|large]
 
 decode: steer_project and add_rms_norm_steer_project (1 steering vector, 8 read-outs) and
 rms_norm at N in {1, 16, 64} x D in {576, 2048, 4096}, float32 and bfloat16, microseconds.
 prefill: steer_project bf16 with 0 and 8 read-outs at 256 x 2048 ... 8192 x 4096, milliseconds.
+large: steer_project and add_rms_norm_steer_project (1 steering vector, 8 read-outs), bf16 and
+float32, at N in {2048, 8192} x D in {2048, 4096} (personakern bench's prefill cells), milliseconds.
 Prints one JSON line.
 """
 from __future__ import annotations
@@ -67,15 +69,36 @@ def prefill(cpu) -> dict:
     return res
 
 
+def large(cpu) -> dict:
+    res = {}
+    for dt, budget, blocks in ((torch.bfloat16, 1e8, 9), (torch.float32, 0.5e8, 7)):
+        torch.manual_seed(0)
+        for n, d in ((2048, 2048), (8192, 2048), (2048, 4096), (8192, 4096)):
+            h, x = torch.randn(n, d).to(dt), torch.randn(n, d).to(dt)
+            sv = torch.nn.functional.normalize(torch.randn(1, d), dim=1)
+            co = torch.full((n, 1), 2.0)
+            ro = torch.nn.functional.normalize(torch.randn(8, d), dim=1)
+            w = torch.ones(d).to(dt)
+            reps = max(3, int(budget // (n * d * 6)))
+            calls = {
+                "steer_project": lambda: cpu.steer_project(h, x, sv, co, None, None, None, ro),
+                "add_rms_norm_steer_project":
+                    lambda: cpu.add_rms_norm_steer_project(h, x, w, 1e-5, False, sv, co, None, None, None, ro),
+            }
+            for name, f in calls.items():
+                res[f"{name} {str(dt)[6:]} {n}x{d}"] = round(median_time(f, reps, blocks) * 1e3, 3)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--sizes", choices=("decode", "prefill"), default="decode")
+    ap.add_argument("--sizes", choices=("decode", "prefill", "large"), default="decode")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from personakern.backends import cpu
-    print(json.dumps((decode if args.sizes == "decode" else prefill)(cpu)))
+    print(json.dumps({"decode": decode, "prefill": prefill, "large": large}[args.sizes](cpu)))
 
 
 if __name__ == "__main__":
